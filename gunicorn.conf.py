@@ -1,0 +1,60 @@
+"""Gunicorn settings for the prediction server. Every value can be overridden from the
+environment (BIND, WORKERS, ...) or on the command line."""
+
+import os
+import tempfile
+
+# --- Socket -------------------------------------------------------------------------------
+# Where to listen; the API contract's BIND variable.
+bind = os.environ.get("BIND", "127.0.0.1:8000")
+# Pending connections the kernel queues before accept().
+backlog = int(os.environ.get("BACKLOG", "2048"))
+
+# --- Workers ------------------------------------------------------------------------------
+# Processes; each holds its own copy of the models and its own cache/Redis pool.
+workers = int(os.environ.get("WORKERS", "2"))
+# gevent: one greenlet per connection, so SSE streams and WebSockets don't pin a process.
+worker_class = "gevent"
+# Most simultaneous connections per worker.
+worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
+# Each worker builds its own app after fork: no Redis socket or thread crosses a fork.
+preload_app = False
+
+# --- Timeouts -----------------------------------------------------------------------------
+# A worker silent this long is killed and replaced (gevent workers heartbeat from the hub).
+timeout = int(os.environ.get("TIMEOUT", "30"))
+# SIGTERM: in-flight requests and streams get this long to finish.
+graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "30"))
+# Idle keep-alive connections are closed after this many seconds.
+keepalive = int(os.environ.get("KEEPALIVE", "5"))
+
+# --- Control ------------------------------------------------------------------------------
+# gunicorn 25+ opens a control socket at a fixed path; two servers on one host would collide.
+control_socket_disable = True
+
+# --- Logging ------------------------------------------------------------------------------
+# The app writes one JSON access line per request itself (with request id and model);
+# gunicorn's own lines go through the same JSON formatter.
+accesslog = None
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "server.logs.JsonFormatter"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
+                            "stream": "ext://sys.stderr"}},
+    "root": {"handlers": ["stderr"], "level": loglevel.upper()},
+    "loggers": {
+        "gunicorn.error": {"handlers": ["stderr"], "level": loglevel.upper(), "propagate": False},
+        # Our own JSON access line replaces gunicorn's text one.
+        "gunicorn.access": {"handlers": [], "level": "CRITICAL", "propagate": False},
+    },
+}
+
+
+# --- Hooks --------------------------------------------------------------------------------
+def on_starting(server):
+    """Give the workers of this server a shared directory for the reload signal."""
+    if not os.environ.get("RUNTIME_DIR"):
+        os.environ["RUNTIME_DIR"] = tempfile.mkdtemp(prefix="model-server-")
+    server.log.info("runtime dir %s", os.environ["RUNTIME_DIR"])

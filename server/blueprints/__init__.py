@@ -1,0 +1,1 @@
+"""Thin HTTP layers, one module per feature, each exposing ``bp``."""

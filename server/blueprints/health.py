@@ -1,0 +1,50 @@
+"""GET /health (liveness), /ready (readiness), /status."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from flask import Blueprint, Response
+
+from server.web import json_response, state
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/health")
+def health() -> Response:
+    return json_response({"status": "ok"})
+
+
+@bp.get("/ready")
+def ready() -> Response:
+    registry = state().registry
+    servable = {n: sorted(e.versions, key=int) for n, e in registry.models.items() if e.versions}
+    failed = [f"{n}/{v}" for n, e in registry.models.items() for v in e.failed]
+    ok = registry.loaded_once and bool(servable)
+    body = {"status": "ready" if ok else "not_ready", "models": servable, "failed": failed}
+    if not ok:
+        body["reason"] = "no servable model in the repository" if registry.loaded_once \
+            else "models are loading"
+    return json_response(body, 200 if ok else 503)
+
+
+@bp.get("/status")
+def status() -> Response:
+    st = state()
+    models = {
+        name: {"latest": e.latest, "labels": e.labels, "versions": sorted(e.versions, key=int),
+               "failed": sorted(e.failed, key=int)}
+        for name, e in st.registry.models.items()
+    }
+    return json_response({
+        "status": "ok",
+        "pid": os.getpid(),
+        "uptime_seconds": round(time.time() - st.started, 3),
+        "predictions_served": st.dataplane.predictions,
+        "scope": "this worker",
+        "models": models,
+        "last_reload": st.registry.last_reload,
+        "cache": st.dataplane.cache_status(),
+    })

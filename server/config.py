@@ -1,0 +1,49 @@
+"""Every knob of the server, typed, read from the environment once in ``create_app``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Server settings. Each field is read from the upper-cased environment variable."""
+
+    model_config = SettingsConfigDict(protected_namespaces=(), extra="ignore", case_sensitive=False)
+
+    model_dir: Path = Field(Path("models"), description="The model repository (MODEL_DIR).")
+    redis_url: str = Field("", description="redis://host:port/db; empty = per-worker memory cache.")
+    cache: str = Field("on", description="'off' disables the prediction cache.")
+    cache_ttl: int = Field(3600, ge=1, description="Seconds a cached prediction lives (SETEX).")
+    cache_max_entries: int = Field(
+        100_000, ge=1, description="Most rows the per-worker memory cache keeps (LRU)."
+    )
+    redis_timeout: float = Field(
+        0.25, gt=0, description="Socket connect/read timeout for Redis, in seconds."
+    )
+    redis_pool_size: int = Field(64, ge=1, description="Redis connections per worker process.")
+    redis_breaker_seconds: float = Field(
+        2.0, ge=0, description="How long Redis is skipped after a failure (circuit breaker)."
+    )
+    max_batch: int = Field(1000, ge=1, description="Most rows in one /predict/batch.")
+    max_body_bytes: int = Field(8_388_608, ge=1, description="Largest JSON body (413 beyond).")
+    api_keys: str = Field("", description="Comma list of API keys; empty = model endpoints open.")
+    admin_token: str = Field("", description="Admin bearer token; empty = admin endpoints 403.")
+    default_model: str = Field("", description="Model used by POST /predict when none is named.")
+    model_poll_seconds: float = Field(
+        2.0, ge=0, description="Seconds between repository scans; 0 turns the poll off."
+    )
+    runtime_dir: str = Field(
+        "", description="Directory shared by the workers of one server (reload signal)."
+    )
+    log_level: str = Field("INFO", description="Python log level name.")
+
+    @property
+    def cache_enabled(self) -> bool:
+        return self.cache.strip().lower() not in {"off", "0", "false", "no"}
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]

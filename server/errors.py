@@ -1,0 +1,39 @@
+"""Errors that carry their own HTTP status; turned into JSON in one place (server.web)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApiError(Exception):
+    """An error a client can act on: status, machine code, message and optional details."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"error": self.message, "code": self.code}
+        if self.details:
+            out["details"] = self.details
+        return out
+
+
+def validation_error(message: str, loc: list[Any], msg: str | None = None) -> ApiError:
+    """A 422 with one field path, for checks made outside pydantic."""
+    return ApiError(422, "validation_error", message, [{"loc": loc, "msg": msg or message}])
+
+
+def not_found(what: str, message: str) -> ApiError:
+    return ApiError(404, f"{what}_not_found", message)

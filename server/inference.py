@@ -1,0 +1,125 @@
+"""The data plane: validated rows -> numpy array -> one model call -> per-row results.
+
+Transport-free: HTTP blueprints, streams and tests all call ``DataPlane``.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from server.errors import ApiError, validation_error
+from server.registry import LoadedVersion, ModelRegistry
+
+RowInput = Sequence[float] | dict[str, float]
+
+
+def to_matrix(lv: LoadedVersion, rows: Sequence[RowInput], loc: list[Any]) -> np.ndarray:
+    """Rows (lists in feature order or objects by feature name) as a float64 matrix.
+
+    ``loc`` is the field path of the rows in the request, for error details; for a single
+    row it is the path of that row and ``rows`` has one element.
+    """
+    single = len(rows) == 1 and loc and loc[-1] == "features"
+    width = lv.n_features
+    ordered: list[Sequence[float]] = []
+    for i, row in enumerate(rows):
+        where = list(loc) if single else [*loc, i]
+        if isinstance(row, dict):
+            ordered.append(_order_named(lv, row, where))
+            continue
+        if width is None:
+            width = len(row)
+        if len(row) != width:
+            raise validation_error(
+                f"expected {width} features, got {len(row)}", where,
+                f"expected {width} features, got {len(row)}",
+            )
+        ordered.append(row)
+    matrix = np.asarray(ordered, dtype="<f8")
+    if matrix.ndim != 2 or matrix.shape[1] == 0:
+        raise validation_error("rows must hold at least one feature", list(loc))
+    return matrix
+
+
+def _order_named(lv: LoadedVersion, row: dict[str, float], where: list[Any]) -> list[float]:
+    index = lv.feature_index
+    if index is None:
+        raise validation_error(
+            f"model '{lv.name}' has no feature names: send features as a list", where
+        )
+    unknown = [k for k in row if k not in index]
+    if unknown:
+        raise ApiError(422, "validation_error", f"unknown feature '{unknown[0]}'",
+                       [{"loc": [*where, k], "msg": "unknown feature"} for k in unknown])
+    missing = [n for n in index if n not in row]
+    if missing:
+        raise ApiError(422, "validation_error", f"missing feature '{missing[0]}'",
+                       [{"loc": [*where, n], "msg": "missing feature"} for n in missing])
+    return [row[n] for n in index]
+
+
+def predict_matrix(lv: LoadedVersion, X: np.ndarray) -> list[dict[str, Any]]:
+    """Call the model once for all rows; one result dict per row.
+
+    ``prediction`` is the estimator's own ``predict``; ``probabilities`` its ``predict_proba``;
+    ``confidence`` the probability of the predicted class. Same numbers as in-process.
+    """
+    est = lv.estimator
+    predictions = est.predict(X)
+    if lv.task != "classification" or lv.classes is None:
+        return [{"prediction": p} for p in np.asarray(predictions, dtype="<f8").tolist()]
+    classes = lv.classes
+    names = lv.class_names or [str(c) for c in classes]
+    position = {c: i for i, c in enumerate(classes)}
+    predicted = np.asarray(predictions).tolist()
+    idx = [position[p] for p in predicted]
+    if not lv.has_proba:
+        return [{"prediction": p, "label": names[i]} for p, i in zip(predicted, idx)]
+    proba = est.predict_proba(X)
+    confidence = proba[np.arange(len(idx)), idx].tolist()
+    rows = proba.tolist()
+    return [
+        {"prediction": p, "label": names[i], "confidence": c,
+         "probabilities": dict(zip(names, r))}
+        for p, i, c, r in zip(predicted, idx, confidence, rows)
+    ]
+
+
+@dataclass
+class Outcome:
+    """What one predict call produced, for the HTTP layer to shape."""
+
+    model: LoadedVersion
+    results: list[dict[str, Any]]
+    cached: int
+
+
+class DataPlane:
+    """Resolve the model, build the matrix, predict. Counts what it served."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+        self.predictions = 0
+        self._count_lock = threading.Lock()
+
+    def predict(
+        self, model: str, version: str | int | None, rows: Sequence[RowInput], loc: list[Any]
+    ) -> Outcome:
+        lv = self.registry.resolve(model, version)
+        X = to_matrix(lv, rows, loc)
+        try:
+            results = predict_matrix(lv, X)
+        except (ValueError, TypeError) as exc:
+            # The model refused rows that passed our checks (e.g. a feature range it rejects).
+            raise ApiError(422, "model_rejected_input", f"model rejected the input: {exc}",
+                           [{"loc": list(loc), "msg": str(exc)[:300]}]) from exc
+        with self._count_lock:
+            self.predictions += len(results)
+        return Outcome(lv, results, 0)
+
+    def cache_status(self) -> dict[str, Any]:
+        return {"enabled": False, "backend": "off"}

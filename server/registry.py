@@ -1,0 +1,249 @@
+"""Live models in memory: resolve name + version/label, hot reload by atomic snapshot swap.
+
+A request takes one ``LoadedVersion`` reference and keeps it; a reload builds a whole new
+snapshot off to the side and swaps one attribute, so nothing in flight ever sees half a reload.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.base import is_classifier
+
+from server.errors import ApiError, not_found
+from server.repository import VERSION_RE, ModelRepository, VersionOnDisk
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedVersion:
+    """One servable version with everything the data plane needs precomputed."""
+
+    name: str
+    version: str
+    estimator: Any
+    sha256: str
+    stamp: tuple[int, int]
+    n_features: int | None
+    feature_names: tuple[str, ...] | None
+    feature_index: dict[str, int] | None
+    task: str  # "classification" | "regression"
+    classes: list[Any] | None  # estimator.classes_ as JSON-ready values
+    class_names: list[str] | None  # a label per class, aligned with classes
+    has_proba: bool
+    metadata: dict[str, Any]
+    loaded_at: float
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "version": self.version,
+            "state": "AVAILABLE",
+            "sha256": self.sha256,
+            "task": self.task,
+            "estimator": type(self.estimator).__name__,
+            "n_features": self.n_features,
+            "feature_names": list(self.feature_names) if self.feature_names else None,
+            "loaded_at": self.loaded_at,
+        }
+        if self.classes is not None:
+            out["classes"] = self.classes
+            out["class_names"] = self.class_names
+        for key in ("description", "metrics"):
+            if key in self.metadata:
+                out[key] = self.metadata[key]
+        return out
+
+
+@dataclass(frozen=True)
+class FailedVersion:
+    name: str
+    version: str
+    error: str
+    stamp: tuple[int, int]
+
+    def describe(self) -> dict[str, Any]:
+        return {"version": self.version, "state": "FAILED", "error": self.error}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    labels: dict[str, str]
+    versions: dict[str, LoadedVersion]
+    failed: dict[str, FailedVersion]
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def latest(self) -> str | None:
+        return max(self.versions, key=int) if self.versions else None
+
+    def describe(self) -> dict[str, Any]:
+        every = {**{v: f.describe() for v, f in self.failed.items()},
+                 **{v: lv.describe() for v, lv in self.versions.items()}}
+        return {
+            "name": self.name,
+            "latest": self.latest,
+            "labels": self.labels,
+            "versions": [every[v] for v in sorted(every, key=int)],
+            "problems": self.problems,
+        }
+
+
+@dataclass(frozen=True)
+class ReloadReport:
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+    failed: list[str]
+
+    @property
+    def touched(self) -> bool:
+        return bool(self.added or self.changed or self.removed or self.failed)
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {"added": self.added, "changed": self.changed,
+                "removed": self.removed, "failed": self.failed}
+
+
+def build_version(found: VersionOnDisk, estimator: Any, sha256: str) -> LoadedVersion:
+    meta = found.metadata
+    n_features = getattr(estimator, "n_features_in_", None)
+    names = meta.get("feature_names")
+    if names is None and getattr(estimator, "feature_names_in_", None) is not None:
+        names = [str(n) for n in estimator.feature_names_in_]
+    if names is not None:
+        names = tuple(str(n) for n in names)
+        if n_features is not None and len(names) != n_features:
+            raise ValueError(f"metadata lists {len(names)} feature names, model takes {n_features}")
+        n_features = len(names)
+    classes = class_names = None
+    classifier = is_classifier(estimator) or meta.get("task") == "classification"
+    if classifier and getattr(estimator, "classes_", None) is not None:
+        classes = np.asarray(estimator.classes_).tolist()
+        given = meta.get("class_names")
+        if given is not None and len(given) != len(classes):
+            raise ValueError(f"metadata lists {len(given)} class names, model has {len(classes)}")
+        class_names = [str(c) for c in (given if given is not None else classes)]
+    return LoadedVersion(
+        name=found.name,
+        version=found.version,
+        estimator=estimator,
+        sha256=sha256,
+        stamp=found.stamp,
+        n_features=int(n_features) if n_features is not None else None,
+        feature_names=names,
+        feature_index={n: i for i, n in enumerate(names)} if names else None,
+        task="classification" if classifier else "regression",
+        classes=classes,
+        class_names=class_names,
+        has_proba=classifier and hasattr(estimator, "predict_proba"),
+        metadata=meta,
+        loaded_at=time.time(),
+    )
+
+
+class ModelRegistry:
+    """The models one worker serves. Reads are lock-free; reloads are serialised."""
+
+    def __init__(self, repository: ModelRepository) -> None:
+        self.repository = repository
+        self._models: dict[str, ModelEntry] = {}
+        self._lock = threading.Lock()
+        self.loaded_once = False
+        self.last_reload: float | None = None
+
+    @property
+    def models(self) -> dict[str, ModelEntry]:
+        return self._models
+
+    def get(self, name: str) -> ModelEntry:
+        entry = self._models.get(name)
+        if entry is None:
+            raise not_found("model", f"unknown model '{name}'")
+        return entry
+
+    def resolve(self, name: str, version: str | int | None = None) -> LoadedVersion:
+        """Find NAME at a version number, a label (stable, canary...) or latest (default)."""
+        entry = self.get(name)
+        wanted = "latest" if version is None or version == "" else str(version)
+        if wanted in entry.labels:
+            wanted = entry.labels[wanted]
+        if wanted == "latest":
+            wanted = entry.latest or ""
+        found = entry.versions.get(wanted)
+        if found is not None:
+            return found
+        if wanted in entry.failed:
+            raise ApiError(503, "version_unavailable",
+                           f"model '{name}' version {wanted} failed to load")
+        if not VERSION_RE.match(wanted) and str(version) not in entry.labels:
+            raise not_found("version", f"model '{name}' has no version or label '{version}'")
+        raise not_found("version", f"model '{name}' has no version '{wanted}'")
+
+    def reload(self) -> ReloadReport:
+        """Scan the repository and load what is new or changed; keep what is unchanged."""
+        with self._lock:
+            return self._reload()
+
+    def _reload(self) -> ReloadReport:
+        old = self._models
+        added: list[str] = []
+        changed: list[str] = []
+        failed: list[str] = []
+        fresh: dict[str, ModelEntry] = {}
+        for name, disk in self.repository.scan().items():
+            before = old.get(name)
+            loaded: dict[str, LoadedVersion] = {}
+            broken: dict[str, FailedVersion] = {}
+            for version, found in disk.versions.items():
+                prior: LoadedVersion | FailedVersion | None = None
+                if before is not None:
+                    prior = before.versions.get(version) or before.failed.get(version)
+                if prior is not None and prior.stamp == found.stamp:
+                    target = loaded if isinstance(prior, LoadedVersion) else broken
+                    target[version] = prior  # type: ignore[assignment]
+                    continue
+                key = f"{name}/{version}"
+                result = self._load(found)
+                if isinstance(result, FailedVersion):
+                    broken[version] = result
+                    failed.append(key)
+                    continue
+                loaded[version] = result
+                if isinstance(prior, LoadedVersion) and prior.sha256 != result.sha256:
+                    changed.append(key)
+                elif not isinstance(prior, LoadedVersion):
+                    added.append(key)
+            fresh[name] = ModelEntry(name, disk.labels, loaded, broken, list(disk.problems))
+        removed = [
+            f"{name}/{v}"
+            for name, entry in old.items()
+            for v in entry.versions
+            if v not in fresh.get(name, ModelEntry(name, {}, {}, {})).versions
+        ]
+        self._models = fresh
+        self.loaded_once = True
+        self.last_reload = time.time()
+        report = ReloadReport(added, changed, removed, failed)
+        if report.touched:
+            log.info("models reloaded", extra=report.as_dict())
+        return report
+
+    def _load(self, found: VersionOnDisk) -> LoadedVersion | FailedVersion:
+        try:
+            if found.metadata_error:
+                raise ValueError(found.metadata_error)
+            sha = self.repository.sha256(found.path)
+            estimator = self.repository.load(found.path)
+            return build_version(found, estimator, sha)
+        except Exception as exc:  # noqa: BLE001 - any broken artifact is reported, never fatal
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            log.error("model version failed to load",
+                      extra={"model": found.name, "version": found.version, "err": error})
+            return FailedVersion(found.name, found.version, error, found.stamp)

@@ -1,0 +1,162 @@
+"""The model repository on disk: ``NAME/<int version>/model.joblib`` plus optional metadata.
+
+Only this module touches MODEL_DIR. Names coming from outside are checked against a strict
+pattern and every resolved path must stay inside the repository (symlinks included).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import joblib
+
+log = logging.getLogger(__name__)
+
+ARTIFACT = "model.joblib"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+VERSION_RE = re.compile(r"^[1-9][0-9]{0,17}$")
+
+
+@dataclass(frozen=True)
+class VersionOnDisk:
+    """One version folder as found by a scan (nothing loaded yet)."""
+
+    name: str
+    version: str
+    path: Path
+    size: int
+    mtime_ns: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+    metadata_error: str | None = None
+
+    @property
+    def stamp(self) -> tuple[int, int]:
+        return (self.size, self.mtime_ns)
+
+
+@dataclass(frozen=True)
+class ModelOnDisk:
+    name: str
+    labels: dict[str, str]
+    versions: dict[str, VersionOnDisk]
+    problems: list[str]
+
+
+def is_valid_name(name: str) -> bool:
+    return bool(NAME_RE.match(name)) and ".." not in name
+
+
+def inside(root: Path, candidate: Path) -> bool:
+    """True when candidate, with every symlink resolved, lies inside root."""
+    try:
+        return candidate.resolve(strict=True).is_relative_to(root.resolve(strict=True))
+    except (OSError, RuntimeError):
+        return False
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with path.open("rb") as fh:
+        data = json.load(fh)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.name} must hold a JSON object")
+    return data
+
+
+class ModelRepository:
+    """Reads MODEL_DIR. Stateless apart from the root path."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def scan(self) -> dict[str, ModelOnDisk]:
+        models: dict[str, ModelOnDisk] = {}
+        try:
+            entries = sorted(os.scandir(self.root), key=lambda e: e.name)
+        except OSError as exc:
+            log.error("model repository unreadable", extra={"path": str(self.root), "err": str(exc)})
+            return models
+        for entry in entries:
+            if entry.is_dir() and is_valid_name(entry.name) and not entry.name.startswith("."):
+                models[entry.name] = self._scan_model(Path(entry.path))
+        return models
+
+    def _scan_model(self, folder: Path) -> ModelOnDisk:
+        problems: list[str] = []
+        labels: dict[str, str] = {}
+        spec = folder / "model.json"
+        if spec.exists():
+            try:
+                raw = _read_json(spec).get("labels", {})
+                labels = {str(k): str(v) for k, v in dict(raw).items()}
+            except (OSError, ValueError, TypeError) as exc:
+                problems.append(f"model.json unreadable: {exc}")
+        versions: dict[str, VersionOnDisk] = {}
+        for entry in os.scandir(folder):
+            if not (entry.is_dir() and VERSION_RE.match(entry.name)):
+                continue
+            found = self._scan_version(folder.name, Path(entry.path))
+            if found is not None:
+                versions[found.version] = found
+        return ModelOnDisk(folder.name, labels, versions, problems)
+
+    def _scan_version(self, name: str, folder: Path) -> VersionOnDisk | None:
+        artifact = folder / ARTIFACT
+        if not inside(self.root, artifact):
+            if artifact.exists() or artifact.is_symlink():
+                log.warning("artifact outside repository ignored", extra={"path": str(artifact)})
+            return None
+        st = artifact.stat()
+        metadata: dict[str, Any] = {}
+        error = None
+        meta_path = folder / "metadata.json"
+        if meta_path.exists():
+            try:
+                metadata = _read_json(meta_path)
+            except (OSError, ValueError) as exc:
+                error = f"metadata.json unreadable: {exc}"
+        return VersionOnDisk(name, folder.name, artifact, st.st_size, st.st_mtime_ns, metadata, error)
+
+    def artifact_path(self, name: str, version: str) -> Path | None:
+        """The artifact of NAME/VERSION when both are well formed and it lies inside the root."""
+        if not (is_valid_name(name) and VERSION_RE.match(version)):
+            return None
+        candidate = self.root / name / version / ARTIFACT
+        return candidate if inside(self.root, candidate) else None
+
+    @staticmethod
+    def sha256(path: Path) -> str:
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    @staticmethod
+    def load(path: Path) -> Any:
+        """Unpickle an artifact (trusted code: callers only pass paths from ``scan``)."""
+        estimator = joblib.load(path)
+        if not callable(getattr(estimator, "predict", None)):
+            raise TypeError(f"{type(estimator).__name__} has no predict method")
+        single_threaded(estimator)
+        return estimator
+
+
+def single_threaded(estimator: Any) -> None:
+    """Set every ``n_jobs`` parameter to 1: joblib pools per call only slow a forked worker."""
+    get_params = getattr(estimator, "get_params", None)
+    if get_params is None:
+        return
+    try:
+        params = get_params(deep=True)
+    except Exception:  # noqa: BLE001 - a third-party estimator may not support deep params
+        return
+    updates = {k: 1 for k, v in params.items() if k.split("__")[-1] == "n_jobs" and v != 1}
+    if updates:
+        estimator.set_params(**updates)

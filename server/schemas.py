@@ -1,0 +1,55 @@
+"""Request bodies as pydantic models: strict numbers, finite only, no unknown fields."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter
+
+LIST_TAG = "[list]"
+OBJECT_TAG = "[object]"
+
+
+def _row_kind(value: Any) -> str:
+    return OBJECT_TAG if isinstance(value, dict) else LIST_TAG
+
+
+Row = Annotated[
+    Union[
+        Annotated[list[float], Tag(LIST_TAG)],
+        Annotated[dict[str, float], Tag(OBJECT_TAG)],
+    ],
+    Discriminator(_row_kind),
+]
+Version = Union[str, int, None]
+
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class PredictRequest(BaseModel):
+    """One row: ``features`` in the model's feature order, or keyed by feature name."""
+
+    model_config = _STRICT
+    model: str | None = Field(None, description="Model name (or the path's).")
+    version: Version = Field(None, description="Version number, label or 'latest'.")
+    features: Row
+
+
+class BatchRequest(BaseModel):
+    """Up to MAX_BATCH rows predicted with one model call."""
+
+    model_config = _STRICT
+    model: str | None = None
+    version: Version = None
+    instances: list[Row] = Field(min_length=1)
+
+
+BareRow = TypeAdapter(Row, config=_STRICT)
+
+
+def error_details(errors: list[Any]) -> list[dict[str, Any]]:
+    """pydantic errors as ``{"loc", "msg"}`` with the union tags taken out of the path."""
+    return [
+        {"loc": [p for p in e["loc"] if p not in (LIST_TAG, OBJECT_TAG)], "msg": e["msg"]}
+        for e in errors
+    ]

@@ -1,0 +1,175 @@
+"""Flask glue shared by every blueprint: JSON in and out, request ids, access log, auth,
+and the one place where errors become JSON responses."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import orjson
+import pydantic_core
+from flask import Flask, Response, current_app, g, request
+from pydantic import BaseModel, ValidationError
+from werkzeug.exceptions import HTTPException
+
+from server.config import Settings
+from server.errors import ApiError
+from server.inference import DataPlane
+from server.registry import ModelRegistry
+from server.reloader import Reloader
+from server.schemas import error_details
+
+log = logging.getLogger("server.access")
+M = TypeVar("M", bound=BaseModel)
+
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+HTTP_CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 406: "not_acceptable", 408: "request_timeout",
+    411: "length_required", 413: "body_too_large", 414: "uri_too_long",
+    415: "unsupported_media_type", 429: "rate_limited", 431: "headers_too_large",
+}
+
+
+@dataclass
+class ServerState:
+    """Everything one worker serves with; lives in ``app.extensions``."""
+
+    settings: Settings
+    registry: ModelRegistry
+    dataplane: DataPlane
+    reloader: Reloader
+    started: float
+
+
+def state() -> ServerState:
+    return current_app.extensions["model_server"]  # type: ignore[no-any-return]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status=status, headers=headers,
+                    mimetype="application/json")
+
+
+def request_id() -> str:
+    return g.get("request_id", "")
+
+
+def read_json() -> Any:
+    """The request body parsed as JSON (NaN and Infinity parse so they can be refused as 422)."""
+    mimetype = request.mimetype
+    if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise ApiError(415, "unsupported_media_type",
+                       f"expected application/json, got {mimetype}")
+    body = request.get_data(cache=False)
+    if not body.strip():
+        raise ApiError(400, "empty_body", "request body is empty: send a JSON object")
+    try:
+        return pydantic_core.from_json(body, allow_inf_nan=True)
+    except ValueError as exc:
+        raise ApiError(400, "bad_json", f"malformed JSON: {exc}") from exc
+
+
+def validate(schema: type[M], payload: Any) -> M:
+    if not isinstance(payload, dict):
+        raise ApiError(422, "validation_error", "the body must be a JSON object",
+                       [{"loc": [], "msg": "expected an object"}])
+    try:
+        return schema.model_validate(payload)
+    except ValidationError as exc:
+        details = error_details(exc.errors())
+        first = details[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ApiError(422, "validation_error", f"{where}: {first['msg']}", details) from exc
+
+
+def _presented_token(*headers: str) -> str:
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    for name in headers:
+        if request.headers.get(name):
+            return request.headers[name]
+    return ""
+
+
+def _matches(presented: str, allowed: list[str]) -> bool:
+    # Compare against every key so the time taken says nothing about which one matched.
+    hit = False
+    for key in allowed:
+        hit |= hmac.compare_digest(presented.encode(), key.encode())
+    return hit
+
+
+def require_admin() -> None:
+    token = state().settings.admin_token
+    if not token:
+        raise ApiError(403, "admin_disabled", "admin endpoints are off: set ADMIN_TOKEN")
+    presented = _presented_token("X-Admin-Token")
+    if not presented or not _matches(presented, [token]):
+        raise ApiError(401, "unauthorized", "admin token missing or wrong",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_api_key() -> None:
+    keys = state().settings.api_key_list
+    if not keys:
+        return
+    presented = _presented_token("X-API-Key")
+    if not presented or not _matches(presented, keys):
+        raise ApiError(401, "unauthorized", "API key missing or wrong",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def _error_response(err: ApiError) -> Response:
+    body = err.body()
+    body["request_id"] = request_id()
+    return json_response(body, err.status, err.headers)
+
+
+def install(app: Flask) -> None:
+    """Request ids, access log and error handlers."""
+
+    @app.before_request
+    def _start() -> None:
+        sent = request.headers.get("X-Request-ID", "")
+        g.request_id = sent if REQUEST_ID_RE.match(sent) else uuid.uuid4().hex
+        g.t0 = time.perf_counter()
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        response.headers["X-Request-ID"] = request_id()
+        latency = (time.perf_counter() - g.get("t0", time.perf_counter())) * 1000
+        rule = request.url_rule.rule if request.url_rule is not None else None
+        log.info("request", extra={
+            "request_id": request_id(), "method": request.method, "route": rule,
+            "path": request.path, "status": response.status_code,
+            "latency_ms": round(latency, 3), "model": g.get("model"),
+            "version": g.get("version"), "cache": g.get("cache"),
+        })
+        return response
+
+    @app.errorhandler(ApiError)
+    def _api_error(err: ApiError) -> Response:
+        return _error_response(err)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        message = exc.description or exc.name
+        if status == 413:
+            message = f"request body larger than {state().settings.max_body_bytes} bytes"
+        headers = dict(exc.get_headers()) if status == 405 else {}
+        headers.pop("Content-Type", None)
+        return _error_response(ApiError(status, HTTP_CODES.get(status, "http_error"),
+                                        message, headers=headers))
+
+    @app.errorhandler(Exception)
+    def _crash(exc: Exception) -> Response:
+        log.exception("unhandled error", extra={"request_id": request_id()})
+        return _error_response(ApiError(500, "internal_error", "internal server error"))
