@@ -1,0 +1,169 @@
+"""Shared fixtures: a demo model repository fitted into tmp, real gunicorn and redis-server
+processes on free loopback ports, each stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import requests
+
+from server.demo import write_demo
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_TOKEN = "test-admin-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 20.0, every: float = 0.05) -> Any:
+    """Poll ``check`` until it returns something truthy; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except (requests.RequestException, OSError) as exc:
+            last = exc
+        time.sleep(every)
+    raise AssertionError(f"condition not met in {timeout}s (last: {last!r})")
+
+
+class Process:
+    """A child process we started and stop by PID (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.argv, self.env, self.log = argv, env, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc is None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(5)
+        self.proc = None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class LiveServer(Process):
+    """``gunicorn -c gunicorn.conf.py wsgi:app`` with gevent workers on a free port."""
+
+    def __init__(self, tmp: Path, model_dir: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "API_KEYS"}}
+        full.update({"BIND": f"127.0.0.1:{self.port}", "WORKERS": "2",
+                     "MODEL_DIR": str(model_dir), "ADMIN_TOKEN": ADMIN_TOKEN,
+                     "RUNTIME_DIR": "", "PYTHONPATH": str(ROOT)})
+        full.update(env)
+        tmp.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
+                "--no-control-socket", "wsgi:app"]
+        super().__init__(argv, full, tmp / f"gunicorn-{self.port}.log")
+        self.session = requests.Session()
+
+    def start(self, wait_ready: bool = True) -> "LiveServer":
+        super().start()
+        path = "/ready" if wait_ready else "/health"
+        try:
+            wait_until(lambda: requests.get(self.url + path, timeout=2).status_code == 200, 40)
+        except AssertionError:
+            self.stop()
+            raise AssertionError("server did not start:\n" + self.log_text()[-4000:])
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.session.close()
+        super().stop(timeout)
+
+    def request(self, method: str, path: str, **kw: Any) -> requests.Response:
+        kw.setdefault("timeout", 10)
+        return self.session.request(method, self.url + path, **kw)
+
+    def get(self, path: str, **kw: Any) -> requests.Response:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, **kw: Any) -> requests.Response:
+        return self.request("POST", path, **kw)
+
+    def fresh(self, method: str, path: str, **kw: Any) -> requests.Response:
+        """A request on a new connection (so it may land on any worker)."""
+        kw.setdefault("timeout", 10)
+        kw.setdefault("headers", {})["Connection"] = "close"
+        return requests.request(method, self.url + path, **kw)
+
+
+@pytest.fixture(scope="session")
+def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo repository, fitted once per run from sklearn's bundled data sets."""
+    root = tmp_path_factory.mktemp("demo") / "models"
+    write_demo(root)
+    return root
+
+
+@pytest.fixture
+def model_repo(demo_repo: Path, tmp_path: Path) -> Path:
+    """A private copy of the demo repository that a test may change."""
+    return Path(shutil.copytree(demo_repo, tmp_path / "models"))
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
+    started: list[LiveServer] = []
+
+    def make(model_dir: Path, start: bool = True, **env: str) -> LiveServer:
+        server = LiveServer(tmp_path / "logs", model_dir, **env)
+        started.append(server)
+        return server.start() if start else server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def live_server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """One shared server over the demo repository, for tests that change nothing on disk."""
+    server = LiveServer(tmp_path_factory.mktemp("live"), demo_repo,
+                        MAX_BODY_BYTES="65536", MODEL_POLL_SECONDS="0").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def admin() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
