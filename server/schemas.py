@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, TypeAdapter
 
 LIST_TAG = "[list]"
 OBJECT_TAG = "[object]"
@@ -21,7 +21,17 @@ Row = Annotated[
     ],
     Discriminator(_row_kind),
 ]
-Version = Union[str, int, None]
+
+
+def _version(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError("version must be a string or an integer")
+
+
+Version = Annotated[Optional[str], BeforeValidator(_version)]
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 

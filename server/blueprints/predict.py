@@ -17,7 +17,7 @@ bp.before_request(require_api_key)
 
 def choose_target(
     path_model: str | None, body_model: str | None,
-    path_version: str | None, body_version: str | int | None,
+    path_version: str | None, body_version: str | None,
 ) -> tuple[str, str | int | None]:
     """Model and version of a request: the path wins over the body, the body over ``?version=``."""
     if path_model and body_model and body_model != path_model:
