@@ -1,23 +1,33 @@
-"""The prediction server: ``create_app`` wires everything; nothing is read at import time."""
+"""The prediction server: ``create_app`` wires everything; nothing is read at import time.
+
+Imports happen inside ``create_app`` so that importing ``server.logs`` in the gunicorn master
+(for the log formatter) pulls in neither redis nor ssl before gevent patches the workers.
+"""
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-from flask import Flask
+if TYPE_CHECKING:
+    from flask import Flask
 
-from server.config import Settings
-from server.inference import DataPlane
-from server.logs import configure_logging
-from server.registry import ModelRegistry
-from server.reloader import Reloader
-from server.repository import ModelRepository
+    from server.config import Settings
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    """Build one worker's application: settings, models, data plane, blueprints."""
+    """Build one worker's application: settings, models, cache, data plane, blueprints."""
+    from flask import Flask
+
     from server import web
     from server.blueprints import admin, health, models, predict
+    from server.cache import make_cache
+    from server.config import Settings
+    from server.inference import DataPlane
+    from server.logs import configure_logging
+    from server.registry import ModelRegistry
+    from server.reloader import Reloader
+    from server.repository import ModelRepository
 
     settings = settings or Settings()
     configure_logging(settings.log_level)
@@ -26,11 +36,17 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     registry = ModelRegistry(ModelRepository(settings.model_dir))
     registry.reload()
-    reloader = Reloader(registry, settings.model_poll_seconds, settings.runtime_dir)
+    cache = make_cache(settings.cache_enabled, settings.redis_url, settings.cache_ttl,
+                       settings.cache_max_entries, settings.redis_timeout,
+                       settings.redis_pool_size, settings.redis_breaker_seconds)
+    dataplane = DataPlane(registry, cache)
+    dataplane.sync_cache()
+    reloader = Reloader(registry, settings.model_poll_seconds, settings.runtime_dir,
+                        on_reload=dataplane.on_reload)
     app.extensions["model_server"] = web.ServerState(
         settings=settings,
         registry=registry,
-        dataplane=DataPlane(registry),
+        dataplane=dataplane,
         reloader=reloader,
         started=time.time(),
     )

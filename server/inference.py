@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+import orjson
 
+from server.cache import NoCache, PredictionCache, row_keys
 from server.errors import ApiError, validation_error
-from server.registry import LoadedVersion, ModelRegistry
+from server.registry import LoadedVersion, ModelRegistry, ReloadReport
 
 RowInput = Sequence[float] | dict[str, float]
 
@@ -69,23 +71,25 @@ def predict_matrix(lv: LoadedVersion, X: np.ndarray) -> list[dict[str, Any]]:
     ``confidence`` the probability of the predicted class. Same numbers as in-process.
     """
     est = lv.estimator
-    predictions = est.predict(X)
     if lv.task != "classification" or lv.classes is None:
-        return [{"prediction": p} for p in np.asarray(predictions, dtype="<f8").tolist()]
+        return [{"prediction": p} for p in np.asarray(est.predict(X), dtype="<f8").tolist()]
     classes = lv.classes
     names = lv.class_names or [str(c) for c in classes]
-    position = {c: i for i, c in enumerate(classes)}
-    predicted = np.asarray(predictions).tolist()
-    idx = [position[p] for p in predicted]
-    if not lv.has_proba:
+    proba = est.predict_proba(X) if lv.has_proba else None
+    if proba is not None and lv.predict_is_argmax_proba:
+        idx = np.argmax(proba, axis=1).tolist()
+        predicted = [classes[i] for i in idx]
+    else:
+        position = {c: i for i, c in enumerate(classes)}
+        predicted = np.asarray(est.predict(X)).tolist()
+        idx = [position[p] for p in predicted]
+    if proba is None:
         return [{"prediction": p, "label": names[i]} for p, i in zip(predicted, idx)]
-    proba = est.predict_proba(X)
     confidence = proba[np.arange(len(idx)), idx].tolist()
-    rows = proba.tolist()
     return [
         {"prediction": p, "label": names[i], "confidence": c,
          "probabilities": dict(zip(names, r))}
-        for p, i, c, r in zip(predicted, idx, confidence, rows)
+        for p, i, c, r in zip(predicted, idx, confidence, proba.tolist())
     ]
 
 
@@ -99,10 +103,11 @@ class Outcome:
 
 
 class DataPlane:
-    """Resolve the model, build the matrix, predict. Counts what it served."""
+    """Resolve the model, build the matrix, look rows up in the cache, predict the misses."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, cache: PredictionCache | None = None) -> None:
         self.registry = registry
+        self.cache: PredictionCache = cache if cache is not None else NoCache()
         self.predictions = 0
         self._count_lock = threading.Lock()
 
@@ -111,15 +116,62 @@ class DataPlane:
     ) -> Outcome:
         lv = self.registry.resolve(model, version)
         X = to_matrix(lv, rows, loc)
-        try:
-            results = predict_matrix(lv, X)
-        except (ValueError, TypeError) as exc:
-            # The model refused rows that passed our checks (e.g. a feature range it rejects).
-            raise ApiError(422, "model_rejected_input", f"model rejected the input: {exc}",
-                           [{"loc": list(loc), "msg": str(exc)[:300]}]) from exc
+        if not self.cache.enabled:
+            results = self._call(lv, X, loc)
+            cached = 0
+        else:
+            results, cached = self._through_cache(lv, X, loc)
         with self._count_lock:
             self.predictions += len(results)
-        return Outcome(lv, results, 0)
+        return Outcome(lv, results, cached)
+
+    def _through_cache(
+        self, lv: LoadedVersion, X: np.ndarray, loc: list[Any]
+    ) -> tuple[list[dict[str, Any]], int]:
+        keys = row_keys(lv.name, lv.version, X)
+        found = [_decode(v) for v in self.cache.get_many(keys)]
+        missing = [i for i, r in enumerate(found) if r is None]
+        if not missing:
+            return found, len(found)  # type: ignore[return-value]
+        fresh = self._call(lv, X if len(missing) == len(X) else X[missing], loc)
+        for i, result in zip(missing, fresh):
+            found[i] = result
+        # A value that failed to decode counts as a miss and is overwritten here.
+        self.cache.set_many({keys[i]: orjson.dumps(r) for i, r in zip(missing, fresh)})
+        return found, len(found) - len(missing)  # type: ignore[return-value]
+
+    @staticmethod
+    def _call(lv: LoadedVersion, X: np.ndarray, loc: list[Any]) -> list[dict[str, Any]]:
+        try:
+            return predict_matrix(lv, X)
+        except (ValueError, TypeError) as exc:
+            # The model refused rows that passed our checks (e.g. a range it rejects).
+            raise ApiError(422, "model_rejected_input", f"model rejected the input: {exc}",
+                           [{"loc": list(loc), "msg": str(exc)[:300]}]) from exc
+
+    def on_reload(self, report: ReloadReport) -> None:
+        """Forget answers of versions whose artifact changed or went away."""
+        if not report.touched:
+            return
+        for key in (*report.changed, *report.removed):
+            model, version = key.rsplit("/", 1)
+            self.cache.drop_version(model, version)
+        self.sync_cache()
+
+    def sync_cache(self) -> None:
+        shas = {(lv.name, lv.version): lv.sha256
+                for entry in self.registry.models.values() for lv in entry.versions.values()}
+        self.cache.sync_versions(shas)
 
     def cache_status(self) -> dict[str, Any]:
-        return {"enabled": False, "backend": "off"}
+        return self.cache.status()
+
+
+def _decode(value: bytes | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        result = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    return result if isinstance(result, dict) and "prediction" in result else None

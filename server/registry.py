@@ -29,7 +29,7 @@ class LoadedVersion:
     version: str
     estimator: Any
     sha256: str
-    stamp: tuple[int, int]
+    stamp: tuple[int, int, int]
     n_features: int | None
     feature_names: tuple[str, ...] | None
     feature_index: dict[str, int] | None
@@ -37,6 +37,7 @@ class LoadedVersion:
     classes: list[Any] | None  # estimator.classes_ as JSON-ready values
     class_names: list[str] | None  # a label per class, aligned with classes
     has_proba: bool
+    predict_is_argmax_proba: bool  # predict() is argmax of predict_proba(): call the model once
     metadata: dict[str, Any]
     loaded_at: float
 
@@ -65,7 +66,7 @@ class FailedVersion:
     name: str
     version: str
     error: str
-    stamp: tuple[int, int]
+    stamp: tuple[int, int, int]
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "state": "FAILED", "error": self.error}
@@ -143,9 +144,23 @@ def build_version(found: VersionOnDisk, estimator: Any, sha256: str) -> LoadedVe
         classes=classes,
         class_names=class_names,
         has_proba=classifier and hasattr(estimator, "predict_proba"),
+        predict_is_argmax_proba=classifier and _predicts_by_argmax(estimator),
         metadata=meta,
         loaded_at=time.time(),
     )
+
+
+def _predicts_by_argmax(estimator: Any) -> bool:
+    """True for estimators whose ``predict`` is literally ``classes_[argmax(predict_proba)]``
+    (trees and forests, alone or last in a Pipeline), so one call gives both, bit for bit."""
+    from sklearn.ensemble._forest import BaseForest
+    from sklearn.pipeline import Pipeline
+    from sklearn.tree import DecisionTreeClassifier
+
+    final = estimator[-1] if isinstance(estimator, Pipeline) else estimator
+    single_output = getattr(final, "n_outputs_", 1) == 1
+    return single_output and isinstance(final, (BaseForest, DecisionTreeClassifier)) and \
+        hasattr(final, "classes_")
 
 
 class ModelRegistry:

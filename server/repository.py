@@ -33,12 +33,14 @@ class VersionOnDisk:
     path: Path
     size: int
     mtime_ns: int
+    meta_mtime_ns: int
     metadata: dict[str, Any] = field(default_factory=dict)
     metadata_error: str | None = None
 
     @property
-    def stamp(self) -> tuple[int, int]:
-        return (self.size, self.mtime_ns)
+    def stamp(self) -> tuple[int, int, int]:
+        """Changes when the artifact or its metadata.json changes on disk."""
+        return (self.size, self.mtime_ns, self.meta_mtime_ns)
 
 
 @dataclass(frozen=True)
@@ -116,12 +118,15 @@ class ModelRepository:
         metadata: dict[str, Any] = {}
         error = None
         meta_path = folder / "metadata.json"
+        meta_mtime = 0
         if meta_path.exists():
             try:
+                meta_mtime = meta_path.stat().st_mtime_ns
                 metadata = _read_json(meta_path)
             except (OSError, ValueError) as exc:
                 error = f"metadata.json unreadable: {exc}"
-        return VersionOnDisk(name, folder.name, artifact, st.st_size, st.st_mtime_ns, metadata, error)
+        return VersionOnDisk(name, folder.name, artifact, st.st_size, st.st_mtime_ns, meta_mtime,
+                             metadata, error)
 
     def artifact_path(self, name: str, version: str) -> Path | None:
         """The artifact of NAME/VERSION when both are well formed and it lies inside the root."""

@@ -60,6 +60,7 @@ BareRow = TypeAdapter(Row, config=_STRICT)
 def error_details(errors: list[Any]) -> list[dict[str, Any]]:
     """pydantic errors as ``{"loc", "msg"}`` with the union tags taken out of the path."""
     return [
-        {"loc": [p for p in e["loc"] if p not in (LIST_TAG, OBJECT_TAG)], "msg": e["msg"]}
+        {"loc": [p for p in e["loc"] if p not in (LIST_TAG, OBJECT_TAG)],
+         "msg": e["msg"].removeprefix("Value error, ")}
         for e in errors
     ]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+import redis
 import requests
 
 from server.demo import write_demo
@@ -127,6 +128,41 @@ class LiveServer(Process):
         return requests.request(method, self.url + path, **kw)
 
 
+class RedisServer(Process):
+    """A real ``redis-server`` on a free loopback port, no persistence."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        tmp.mkdir(parents=True, exist_ok=True)
+        argv = [shutil.which("redis-server") or "redis-server", "--port", str(self.port),
+                "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--enable-debug-command", "local", "--dir", str(tmp)]
+        super().__init__(argv, dict(os.environ), tmp / f"redis-{self.port}.log")
+
+    def start(self) -> "RedisServer":
+        super().start()
+        wait_until(self.ping, 10)
+        return self
+
+    def client(self) -> "redis.Redis":
+        return redis.Redis(port=self.port, socket_timeout=5)
+
+    def ping(self) -> bool:
+        try:
+            with self.client() as c:
+                return bool(c.ping())
+        except redis.RedisError:
+            return False
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo repository, fitted once per run from sklearn's bundled data sets."""
@@ -159,7 +195,7 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
 def live_server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """One shared server over the demo repository, for tests that change nothing on disk."""
     server = LiveServer(tmp_path_factory.mktemp("live"), demo_repo,
-                        MAX_BODY_BYTES="65536", MODEL_POLL_SECONDS="0").start()
+                        MAX_BODY_BYTES="65536", MODEL_POLL_SECONDS="0", CACHE="off").start()
     yield server
     server.stop()
 

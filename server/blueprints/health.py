@@ -23,7 +23,8 @@ def ready() -> Response:
     servable = {n: sorted(e.versions, key=int) for n, e in registry.models.items() if e.versions}
     failed = [f"{n}/{v}" for n, e in registry.models.items() for v in e.failed]
     ok = registry.loaded_once and bool(servable)
-    body = {"status": "ready" if ok else "not_ready", "models": servable, "failed": failed}
+    body = {"status": "ready" if ok else "not_ready", "models": servable, "failed": failed,
+            "cache": state().dataplane.cache_status()["state"]}
     if not ok:
         body["reason"] = "no servable model in the repository" if registry.loaded_once \
             else "models are loading"

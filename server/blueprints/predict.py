@@ -40,6 +40,7 @@ def _note(outcome: Outcome) -> None:
 @bp.post("/predict/<model>")
 @bp.post("/predict/<model>/versions/<version>")
 def predict(model: str | None = None, version: str | None = None) -> Response:
+    g.model = model
     payload = read_json()
     if isinstance(payload, list) and model is not None:
         payload = {"features": payload}  # the source guides' clients send a bare list

@@ -1,0 +1,61 @@
+"""Cache keys and the backends' pure behaviour (the Redis faults run in integration)."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import time
+
+import numpy as np
+import pytest
+
+from server.cache import MemoryCache, NoCache, RedisCache, make_cache, row_key, row_keys
+from tests.conftest import free_port
+
+
+@pytest.mark.parametrize("row", [[5.1, 3.5, 1.4, 0.2], [0.0, -0.0, 1e-300, 1e300], [1, 2, 3]])
+def test_key_is_md5_of_little_endian_float64(row: list[float]) -> None:
+    expected = hashlib.md5(struct.pack(f"<{len(row)}d", *row)).hexdigest()
+    assert row_key("m", "3", np.array(row)) == f"pred:m:3:{expected}"
+    assert row_keys("m", "3", np.array([row, row]))[1] == f"pred:m:3:{expected}"
+
+
+def test_big_endian_input_gets_the_same_key() -> None:
+    row = [5.1, 3.5]
+    assert row_key("m", "1", np.array(row, dtype=">f8")) == row_key("m", "1", np.array(row))
+
+
+def test_memory_cache_evicts_least_recently_used_and_expires() -> None:
+    cache = MemoryCache(max_entries=2, ttl=0.2)
+    cache.set_many({"a": b"1", "b": b"2"})
+    assert cache.get_many(["a"]) == [b"1"]  # a is now the most recent
+    cache.set_many({"c": b"3"})
+    assert cache.get_many(["a", "b", "c"]) == [b"1", None, b"3"]
+    time.sleep(0.25)
+    assert cache.get_many(["a", "c"]) == [None, None]
+    assert cache.status()["misses"] == 3
+
+
+def test_memory_cache_drops_one_version_only() -> None:
+    cache = MemoryCache(10, 60)
+    cache.set_many({"pred:m:1:x": b"1", "pred:m:10:x": b"2", "pred:m:2:x": b"3"})
+    assert cache.drop_version("m", "1") == 1
+    assert cache.get_many(["pred:m:10:x", "pred:m:2:x"]) == [b"2", b"3"]
+
+
+def test_make_cache_picks_the_backend() -> None:
+    assert isinstance(make_cache(False, "redis://x", 1, 1, 0.1, 1, 1), NoCache)
+    assert isinstance(make_cache(True, "", 1, 1, 0.1, 1, 1), MemoryCache)
+
+
+def test_dead_redis_is_a_quick_miss_then_skipped_by_the_breaker() -> None:
+    cache = RedisCache(f"redis://127.0.0.1:{free_port()}/0", ttl=60, timeout=0.2, pool_size=4,
+                       breaker_seconds=30)
+    t0 = time.monotonic()
+    assert cache.get_many(["a", "b"]) == [None, None]
+    cache.set_many({"a": b"1"})
+    assert cache.get_many(["a"]) == [None]
+    assert time.monotonic() - t0 < 1.0
+    status = cache.status()
+    assert status["state"] == "degraded" and status["breaker"] == "open"
+    assert status["errors"] == 1 and status["skipped_lookups"] == 1
