@@ -29,7 +29,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Generic, Sequence, TypeVar
 
 import joblib
 import numpy as np
@@ -100,11 +100,15 @@ class WrkRun:
         return self.non_2xx + sum(self.socket_errors.values())
 
 
-@dataclass
-class Measurement:
-    """All rounds of one target at one connection count; the best round is the figure."""
+TargetT = TypeVar("TargetT")
 
-    target: Target
+
+@dataclass
+class Measurement(Generic[TargetT]):
+    """All rounds of one target at one connection count; the best round is the figure.
+    Generic over the target type so that other benchmarks (bench/cache.py) share it."""
+
+    target: TargetT
     connections: int
     runs: list[WrkRun] = field(default_factory=list)
 
@@ -135,11 +139,12 @@ def iris_like_rows(count: int, seed: int = SEED) -> np.ndarray:
     return rows[:count]
 
 
-def lua_script(bodies: list[bytes]) -> str:
+def lua_script(bodies: list[bytes],
+               comment: str = "cycles through distinct bodies so no cache can help") -> str:
     """A wrk script that sends ``bodies`` in turn, one per request, forever."""
     # [=[ ... ]=] is a Lua long string: JSON never contains "]=]" (it may contain "]]").
     table = ",\n".join(f"[=[{b.decode()}]=]" for b in bodies)
-    return f"""-- Written by bench/core.py: cycles through distinct bodies so no cache can help.
+    return f"""-- Written by bench/core.py: {comment}.
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 local bodies = {{
@@ -201,10 +206,14 @@ def parse_wrk(output: str) -> WrkRun:
     )
 
 
-def run_wrk(url: str, script: Path, connections: int, seconds: int, timeout: int) -> WrkRun:
+def run_wrk(url: str, script: Path, connections: int, seconds: int, timeout: int,
+            script_args: Sequence[str] = ()) -> WrkRun:
+    """One wrk run; ``script_args`` reach the Lua script's ``init(args)`` as args[1], ..."""
     # One wrk thread: the machine's other cores are for the server under test.
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", f"--timeout={timeout}s",
             "--latency", "-s", str(script), url]
+    if script_args:
+        argv += ["--", *script_args]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + timeout + 60,
                           check=False)
     if done.returncode != 0:
@@ -329,7 +338,7 @@ def ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def table(measurements: list[Measurement], in_process: dict[str, float]) -> str:
+def table(measurements: list[Measurement[Target]], in_process: dict[str, float]) -> str:
     bare = {m.connections: m.best.requests_per_s for m in measurements
             if m.target.server == "bare"}
     head = (f"{'target':<22} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
@@ -349,7 +358,7 @@ def table(measurements: list[Measurement], in_process: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def as_json(measurements: list[Measurement], in_process: dict[str, float],
+def as_json(measurements: list[Measurement[Target]], in_process: dict[str, float],
             settings: dict[str, Any]) -> dict[str, Any]:
     bare = {m.connections: m.best.requests_per_s for m in measurements
             if m.target.server == "bare"}
@@ -450,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
             "ours": Server("ours", "wsgi:app", work, {"MODEL_DIR": str(models), "CACHE": "off"}),
             "bare": Server("bare", "bench.bare_app:app", work, {}),
         }
-        measurements = {(t, c): Measurement(t, c) for c in args.connections for t in TARGETS}
+        measurements = {(t, c): Measurement[Target](t, c)
+                        for c in args.connections for t in TARGETS}
         try:
             for server in servers.values():
                 server.start()

@@ -20,9 +20,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     from flask import Flask
 
     from server import web
-    from server.blueprints import admin, health, models, predict
-    from server.cache import make_cache
+    from server.blueprints import admin, experiments, health, models, predict
+    from server.cache import make_cache, make_redis
     from server.config import Settings
+    from server.experiments import Experiments, MemoryStats, RedisStats
     from server.inference import DataPlane
     from server.logs import configure_logging
     from server.registry import ModelRegistry
@@ -36,10 +37,14 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     registry = ModelRegistry(ModelRepository(settings.model_dir))
     registry.reload()
-    cache = make_cache(settings.cache_enabled, settings.redis_url, settings.cache_ttl,
-                       settings.cache_max_entries, settings.redis_timeout,
-                       settings.redis_pool_size, settings.redis_breaker_seconds)
-    dataplane = DataPlane(registry, cache)
+    client = None
+    if settings.redis_url:
+        client = make_redis(settings.redis_url, settings.redis_timeout, settings.redis_pool_size)
+    cache = make_cache(settings.cache_enabled, client, settings.redis_url, settings.cache_ttl,
+                       settings.cache_max_entries, settings.redis_breaker_seconds)
+    ab = Experiments(registry, RedisStats(client) if client is not None else MemoryStats())
+    ab.reload()
+    dataplane = DataPlane(registry, cache, ab)
     dataplane.sync_cache()
     reloader = Reloader(registry, settings.model_poll_seconds, settings.runtime_dir,
                         on_reload=dataplane.on_reload)
@@ -51,7 +56,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         started=time.time(),
     )
     web.install(app)
-    for blueprint in (health.bp, models.bp, predict.bp, admin.bp):
+    for blueprint in (health.bp, models.bp, predict.bp, experiments.bp, admin.bp):
         app.register_blueprint(blueprint)
     reloader.start()
     return app

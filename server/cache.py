@@ -154,17 +154,11 @@ class RedisCache(_Counters):
     name = "redis"
     enabled = True
 
-    def __init__(self, url: str, ttl: int, timeout: float, pool_size: int,
-                 breaker_seconds: float) -> None:
+    def __init__(self, client: redis.Redis, url: str, ttl: int, breaker_seconds: float) -> None:
         super().__init__()
         self.ttl = ttl
         self.breaker_seconds = breaker_seconds
-        # No retries: a retry multiplies the bounded wait a dead Redis costs each request.
-        self.pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=pool_size, timeout=timeout, socket_timeout=timeout,
-            socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
-        )
-        self.client = redis.Redis(connection_pool=self.pool)
+        self.client = client
         parts = urlsplit(url)
         self.where = f"{parts.hostname}:{parts.port or 6379}{parts.path or '/0'}"
         self.healthy = True
@@ -278,10 +272,21 @@ class RedisCache(_Counters):
         }
 
 
-def make_cache(enabled: bool, redis_url: str, ttl: int, max_entries: int, timeout: float,
-               pool_size: int, breaker_seconds: float) -> PredictionCache:
+def make_redis(url: str, timeout: float, pool_size: int) -> redis.Redis:
+    """One client per worker process over a blocking pool: when every connection is busy a
+    caller waits up to ``timeout`` instead of failing. No retries: a retry multiplies the
+    bounded wait that a dead Redis costs each request."""
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=pool_size, timeout=timeout, socket_timeout=timeout,
+        socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+    )
+    return redis.Redis(connection_pool=pool)
+
+
+def make_cache(enabled: bool, client: redis.Redis | None, redis_url: str, ttl: int,
+               max_entries: int, breaker_seconds: float) -> PredictionCache:
     if not enabled:
         return NoCache()
-    if redis_url:
-        return RedisCache(redis_url, ttl, timeout, pool_size, breaker_seconds)
+    if client is not None:
+        return RedisCache(client, redis_url, ttl, breaker_seconds)
     return MemoryCache(max_entries, ttl)

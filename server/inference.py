@@ -5,6 +5,7 @@ Transport-free: HTTP blueprints, streams and tests all call ``DataPlane``.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -14,7 +15,10 @@ import orjson
 
 from server.cache import NoCache, PredictionCache, row_keys
 from server.errors import ApiError, validation_error
+from server.experiments import Arm, Experiment, Experiments, MemoryStats
 from server.registry import LoadedVersion, ModelRegistry, ReloadReport
+
+log = logging.getLogger(__name__)
 
 RowInput = Sequence[float] | dict[str, float]
 
@@ -105,9 +109,11 @@ class Outcome:
 class DataPlane:
     """Resolve the model, build the matrix, look rows up in the cache, predict the misses."""
 
-    def __init__(self, registry: ModelRegistry, cache: PredictionCache | None = None) -> None:
+    def __init__(self, registry: ModelRegistry, cache: PredictionCache | None = None,
+                 experiments: Experiments | None = None) -> None:
         self.registry = registry
         self.cache: PredictionCache = cache if cache is not None else NoCache()
+        self.experiments = experiments or Experiments(registry, MemoryStats())
         self.predictions = 0
         self._count_lock = threading.Lock()
 
@@ -149,8 +155,38 @@ class DataPlane:
             raise ApiError(422, "model_rejected_input", f"model rejected the input: {exc}",
                            [{"loc": list(loc), "msg": str(exc)[:300]}]) from exc
 
+    # -- A/B experiments ---------------------------------------------------------------------
+    def predict_ab(self, experiment: str, user_id: str, rows: Sequence[RowInput],
+                   loc: list[Any]) -> tuple[Outcome, Experiment, Arm]:
+        exp = self.experiments.serving(experiment)
+        arm = exp.assign(user_id)
+        outcome = self.predict(exp.model, arm.version, rows, loc)
+        self.experiments.stats.count_request(exp.name, arm.name)
+        return outcome, exp, arm
+
+    def shadow(self, exp: Experiment, rows: Sequence[RowInput], primary: Outcome) -> None:
+        """Predict with the shadow version and record it; its failures stay here."""
+        if exp.shadow is None:
+            return
+        ok = agreed = False
+        try:
+            out = self.predict(exp.model, exp.shadow, rows, ["features"])
+            ok = True
+            agreed = out.results[0]["prediction"] == primary.results[0]["prediction"]
+        except Exception as exc:  # noqa: BLE001 - a shadow failure never reaches the caller
+            log.warning("shadow prediction failed",
+                        extra={"experiment": exp.name, "err": f"{type(exc).__name__}: {exc}"[:300]})
+        self.experiments.stats.count_shadow(exp.name, ok, agreed)
+
+    def record_outcome(self, experiment: str, user_id: str, value: float) -> Arm:
+        exp = self.experiments.serving(experiment)
+        arm = exp.assign(user_id)
+        self.experiments.stats.count_outcome(exp.name, arm.name, value)
+        return arm
+
     def on_reload(self, report: ReloadReport) -> None:
-        """Forget answers of versions whose artifact changed or went away."""
+        """Re-read experiments; forget answers of versions whose artifact changed or went."""
+        self.experiments.reload(force=report.touched)
         if not report.touched:
             return
         for key in (*report.changed, *report.removed):

@@ -128,6 +128,18 @@ class ModelRepository:
         return VersionOnDisk(name, folder.name, artifact, st.st_size, st.st_mtime_ns, meta_mtime,
                              metadata, error)
 
+    def experiments_file(self) -> tuple[int, dict[str, Any] | None, str | None]:
+        """``experiments.json``: (mtime_ns or 0 when absent, its object, the read error)."""
+        path = self.root / "experiments.json"
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError:
+            return 0, None, None
+        try:
+            return stamp, _read_json(path), None
+        except (OSError, ValueError) as exc:
+            return stamp, None, f"experiments.json unreadable: {exc}"
+
     def artifact_path(self, name: str, version: str) -> Path | None:
         """The artifact of NAME/VERSION when both are well formed and it lies inside the root."""
         if not (is_valid_name(name) and VERSION_RE.match(version)):

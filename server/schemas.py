@@ -54,6 +54,34 @@ class BatchRequest(BaseModel):
     instances: list[Row] = Field(min_length=1)
 
 
+def _user_id(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise ValueError("user_id must be a non-empty string or an integer")
+
+
+UserId = Annotated[str, BeforeValidator(_user_id), Field(max_length=256)]
+
+
+class ABRequest(BaseModel):
+    """A prediction through an experiment: the user's arm picks the version."""
+
+    model_config = _STRICT
+    experiment: str = Field(min_length=1)
+    user_id: UserId
+    features: Row
+
+
+class OutcomeRequest(BaseModel):
+    """An observed outcome for a user: 0/1 (conversion) or any number (revenue, time...)."""
+
+    model_config = _STRICT
+    user_id: UserId
+    value: float
+
+
 BareRow = TypeAdapter(Row, config=_STRICT)
 
 

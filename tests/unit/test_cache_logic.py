@@ -9,7 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from server.cache import MemoryCache, NoCache, RedisCache, make_cache, row_key, row_keys
+from server.cache import (
+    MemoryCache, NoCache, RedisCache, make_cache, make_redis, row_key, row_keys,
+)
 from tests.conftest import free_port
 
 
@@ -44,13 +46,13 @@ def test_memory_cache_drops_one_version_only() -> None:
 
 
 def test_make_cache_picks_the_backend() -> None:
-    assert isinstance(make_cache(False, "redis://x", 1, 1, 0.1, 1, 1), NoCache)
-    assert isinstance(make_cache(True, "", 1, 1, 0.1, 1, 1), MemoryCache)
+    assert isinstance(make_cache(False, None, "redis://x", 1, 1, 1), NoCache)
+    assert isinstance(make_cache(True, None, "", 1, 1, 1), MemoryCache)
 
 
 def test_dead_redis_is_a_quick_miss_then_skipped_by_the_breaker() -> None:
-    cache = RedisCache(f"redis://127.0.0.1:{free_port()}/0", ttl=60, timeout=0.2, pool_size=4,
-                       breaker_seconds=30)
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    cache = RedisCache(make_redis(url, 0.2, 4), url, ttl=60, breaker_seconds=30)
     t0 = time.monotonic()
     assert cache.get_many(["a", "b"]) == [None, None]
     cache.set_many({"a": b"1"})

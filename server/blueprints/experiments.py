@@ -1,0 +1,55 @@
+"""A/B: POST /predict/ab (alias /predict/ab-test), GET /experiments[/<name>], outcomes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, g
+
+from server.schemas import ABRequest, OutcomeRequest
+from server.web import json_response, read_json, request_id, require_api_key, state, validate
+
+bp = Blueprint("experiments", __name__)
+bp.before_request(require_api_key)
+
+
+@bp.post("/predict/ab")
+@bp.post("/predict/ab-test")
+def predict_ab() -> Response:
+    req = validate(ABRequest, read_json())
+    plane = state().dataplane
+    outcome, exp, arm = plane.predict_ab(req.experiment, req.user_id, [req.features],
+                                         ["features"])
+    g.model, g.version = exp.model, outcome.model.version
+    g.cache = "HIT" if outcome.cached else "MISS"
+    body: dict[str, Any] = {"model": exp.model, "version": outcome.model.version,
+                            **outcome.results[0], "cached": bool(outcome.cached),
+                            "experiment": exp.name, "arm": arm.name, "request_id": request_id()}
+    response = json_response(body, headers={"X-Cache": g.cache})
+    if exp.shadow is not None:
+        # Runs once the answer has been written: the shadow never slows the caller.
+        response.call_on_close(lambda: plane.shadow(exp, [req.features], outcome))
+    return response
+
+
+@bp.get("/experiments")
+def list_experiments() -> Response:
+    experiments = state().dataplane.experiments
+    return json_response({
+        "experiments": [experiments.view(name) for name in sorted(experiments.items)],
+        "counts_scope": experiments.stats.scope,
+        "file_error": experiments.file_error,
+    })
+
+
+@bp.get("/experiments/<name>")
+def one_experiment(name: str) -> Response:
+    return json_response(state().dataplane.experiments.view(name))
+
+
+@bp.post("/experiments/<name>/outcome")
+def record_outcome(name: str) -> Response:
+    req = validate(OutcomeRequest, read_json())
+    arm = state().dataplane.record_outcome(name, req.user_id, req.value)
+    return json_response({"experiment": name, "user_id": req.user_id, "arm": arm.name,
+                          "value": req.value, "recorded": True, "request_id": request_id()})

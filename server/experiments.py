@@ -1,0 +1,303 @@
+"""A/B experiments: declared in MODEL_DIR/experiments.json, arms assigned by a stable hash.
+
+Assignment is weighted rendezvous hashing: each arm scores ``weight / -ln(u)`` where ``u`` is
+a uniform number drawn from SHA-256 of (experiment, arm, user), and the highest score wins.
+The same user gets the same arm in every process, after restarts and on every host, and
+changing one arm's weight moves only users into or out of that arm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import redis
+from scipy import stats
+
+from server.errors import ApiError, not_found
+from server.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    version: str
+    weight: int
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    model: str
+    arms: tuple[Arm, ...]
+    shadow: str | None = None  # version that gets a copy of the traffic
+    error: str | None = None  # why the experiment is invalid (then it serves nothing)
+
+    def assign(self, user_id: str) -> Arm:
+        return max(self.arms, key=lambda arm: _score(self.name, arm, user_id))
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name, "model": self.model, "valid": self.error is None,
+            "arms": {a.name: {"version": a.version, "weight": a.weight} for a in self.arms},
+        }
+        if self.shadow is not None:
+            out["shadow"] = {"version": self.shadow}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def uniform(*parts: str) -> float:
+    """A number in (0, 1) that depends only on ``parts`` (SHA-256, never Python's hash())."""
+    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
+    return (int.from_bytes(digest[:8], "big") + 0.5) / 2.0**64
+
+
+def _score(experiment: str, arm: Arm, user_id: str) -> float:
+    if arm.weight <= 0:
+        return -math.inf
+    return arm.weight / -math.log(uniform(experiment, arm.name, user_id))
+
+
+def parse_experiments(raw: dict[str, Any] | None, registry: ModelRegistry) -> dict[str, Experiment]:
+    """Every experiment of the file; an invalid one is kept with its error, the rest serve."""
+    out: dict[str, Experiment] = {}
+    for name, spec in (raw or {}).items():
+        try:
+            out[name] = _parse_one(str(name), spec, registry)
+        except (ValueError, TypeError, KeyError, ApiError) as exc:
+            message = exc.message if isinstance(exc, ApiError) else str(exc)
+            log.error("experiment rejected", extra={"experiment": name, "err": message})
+            model = spec.get("model", "") if isinstance(spec, dict) else ""
+            out[name] = Experiment(str(name), str(model), (), None, message)
+    return out
+
+
+def _parse_one(name: str, spec: Any, registry: ModelRegistry) -> Experiment:
+    if not isinstance(spec, dict):
+        raise ValueError("an experiment must be an object")
+    model = spec.get("model")
+    if not isinstance(model, str) or not model:
+        raise ValueError("'model' must name a model")
+    registry.get(model)
+    raw_arms = spec.get("arms")
+    if not isinstance(raw_arms, dict) or len(raw_arms) < 2:
+        raise ValueError("'arms' must map two or more arm names to {version, weight}")
+    arms = []
+    for arm_name, arm in raw_arms.items():
+        if not isinstance(arm, dict):
+            raise ValueError(f"arm '{arm_name}' must be an object")
+        weight = arm.get("weight")
+        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
+            raise ValueError(f"arm '{arm_name}': weight must be an integer >= 0")
+        version = str(arm.get("version", "latest"))
+        registry.resolve(model, version)  # unknown version or label: rejected here
+        arms.append(Arm(str(arm_name), version, weight))
+    if sum(a.weight for a in arms) <= 0:
+        raise ValueError("the arms' weights add up to zero")
+    shadow = None
+    if spec.get("shadow") is not None:
+        raw_shadow = spec["shadow"]
+        shadow = str(raw_shadow.get("version") if isinstance(raw_shadow, dict) else raw_shadow)
+        registry.resolve(model, shadow)
+    return Experiment(name, model, tuple(arms), shadow)
+
+
+# --- Counting ---------------------------------------------------------------------------------
+class ExperimentStats(Protocol):
+    scope: str
+
+    def count_request(self, experiment: str, arm: str) -> None: ...
+
+    def count_outcome(self, experiment: str, arm: str, value: float) -> None: ...
+
+    def count_shadow(self, experiment: str, ok: bool, agreed: bool) -> None: ...
+
+    def read(self, experiment: str) -> dict[str, float]: ...
+
+
+def _outcome_fields(arm: str, value: float) -> dict[str, float]:
+    value = float(value)
+    return {f"{arm}:n": 1, f"{arm}:sum": value, f"{arm}:sumsq": value * value,
+            f"{arm}:nonbinary": 0 if value in (0, 1) else 1}
+
+
+def _shadow_fields(ok: bool, agreed: bool) -> dict[str, float]:
+    return {"shadow:requests": 1, "shadow:errors": 0 if ok else 1, "shadow:agreed": int(agreed)}
+
+
+class MemoryStats:
+    """Per-process counts (said so in the answers)."""
+
+    scope = "this worker"
+
+    def __init__(self) -> None:
+        self._data: dict[str, dict[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def _add(self, experiment: str, fields: dict[str, float]) -> None:
+        with self._lock:
+            into = self._data.setdefault(experiment, {})
+            for key, value in fields.items():
+                into[key] = into.get(key, 0) + value
+
+    def count_request(self, experiment: str, arm: str) -> None:
+        self._add(experiment, {f"{arm}:requests": 1})
+
+    def count_outcome(self, experiment: str, arm: str, value: float) -> None:
+        self._add(experiment, _outcome_fields(arm, value))
+
+    def count_shadow(self, experiment: str, ok: bool, agreed: bool) -> None:
+        self._add(experiment, _shadow_fields(ok, agreed))
+
+    def read(self, experiment: str) -> dict[str, float]:
+        with self._lock:
+            return dict(self._data.get(experiment, {}))
+
+
+class RedisStats:
+    """Counts in one Redis hash per experiment (``ab:<experiment>``), summed over every worker
+    and host. A Redis fault loses those increments and is logged; it never fails a request."""
+
+    scope = "all workers (redis)"
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.errors = 0
+
+    def _add(self, experiment: str, fields: dict[str, float]) -> None:
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key, value in fields.items():
+                if isinstance(value, int):
+                    pipe.hincrby(f"ab:{experiment}", key, value)
+                else:
+                    pipe.hincrbyfloat(f"ab:{experiment}", key, value)
+            pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            self.errors += 1
+            log.warning("experiment counts not written", extra={"err": str(exc)[:200]})
+
+    def count_request(self, experiment: str, arm: str) -> None:
+        self._add(experiment, {f"{arm}:requests": 1})
+
+    def count_outcome(self, experiment: str, arm: str, value: float) -> None:
+        self._add(experiment, _outcome_fields(arm, value))
+
+    def count_shadow(self, experiment: str, ok: bool, agreed: bool) -> None:
+        self._add(experiment, _shadow_fields(ok, agreed))
+
+    def read(self, experiment: str) -> dict[str, float]:
+        try:
+            raw = self.client.hgetall(f"ab:{experiment}")
+        except (redis.RedisError, OSError) as exc:
+            raise ApiError(503, "stats_unavailable", f"experiment counts unreadable: {exc}") \
+                from exc
+        return {k.decode(): float(v) for k, v in raw.items()}
+
+
+# --- Statistics -------------------------------------------------------------------------------
+def summarize(exp: Experiment, counts: dict[str, float]) -> dict[str, Any]:
+    """Per-arm requests and outcomes, and each arm's test against the first (control) arm:
+    two-proportion test (chi-square on the 2x2 table, no continuity correction, which is the
+    two-sided z-test) for 0/1 outcomes, Welch's t-test for numeric ones."""
+    numeric = any(counts.get(f"{a.name}:nonbinary", 0) for a in exp.arms)
+    arms: dict[str, Any] = {}
+    for arm in exp.arms:
+        n = int(counts.get(f"{arm.name}:n", 0))
+        total = counts.get(f"{arm.name}:sum", 0.0)
+        row: dict[str, Any] = {"version": arm.version, "weight": arm.weight,
+                               "requests": int(counts.get(f"{arm.name}:requests", 0)),
+                               "outcomes": n}
+        if n:
+            row["mean" if numeric else "rate"] = total / n
+            if not numeric:
+                row["successes"] = int(round(total))
+        arms[arm.name] = row
+    control = exp.arms[0]
+    for arm in exp.arms[1:]:
+        arms[arm.name]["vs"] = control.name
+        arms[arm.name]["p_value"] = (_welch if numeric else _two_proportions)(
+            counts, control.name, arm.name)
+    out: dict[str, Any] = {"outcome_type": "numeric" if numeric else "binary",
+                           "test": "welch_t" if numeric else "two_proportion_z", "arms": arms}
+    if exp.shadow is not None:
+        out["shadow"] = {"version": exp.shadow,
+                         "requests": int(counts.get("shadow:requests", 0)),
+                         "errors": int(counts.get("shadow:errors", 0)),
+                         "agreed": int(counts.get("shadow:agreed", 0))}
+    return out
+
+
+def _two_proportions(counts: dict[str, float], a: str, b: str) -> float | None:
+    na, nb = int(counts.get(f"{a}:n", 0)), int(counts.get(f"{b}:n", 0))
+    sa, sb = int(round(counts.get(f"{a}:sum", 0))), int(round(counts.get(f"{b}:sum", 0)))
+    if not na or not nb or sa + sb in (0, na + nb):
+        return None  # no data, or every outcome alike: the test is undefined
+    table = [[sa, na - sa], [sb, nb - sb]]
+    return float(stats.chi2_contingency(table, correction=False).pvalue)
+
+
+def _welch(counts: dict[str, float], a: str, b: str) -> float | None:
+    moments = []
+    for arm in (a, b):
+        n = counts.get(f"{arm}:n", 0)
+        if n < 2:
+            return None
+        mean = counts.get(f"{arm}:sum", 0) / n
+        var = max(counts.get(f"{arm}:sumsq", 0) - n * mean * mean, 0.0) / (n - 1)
+        moments.append((mean, math.sqrt(var), n))
+    (m1, s1, n1), (m2, s2, n2) = moments
+    if s1 == 0 and s2 == 0:
+        return None
+    result = stats.ttest_ind_from_stats(m1, s1, n1, m2, s2, n2, equal_var=False)
+    return float(result.pvalue)
+
+
+@dataclass
+class Experiments:
+    """The experiments one worker serves; reloaded with the repository."""
+
+    registry: ModelRegistry
+    stats: ExperimentStats
+    items: dict[str, Experiment] = field(default_factory=dict)
+    stamp: int = -1
+    file_error: str | None = None
+
+    def reload(self, force: bool = False) -> bool:
+        """Re-read experiments.json when it changed on disk (or models changed: force)."""
+        stamp, raw, error = self.registry.repository.experiments_file()
+        if stamp == self.stamp and not force:
+            return False
+        self.stamp, self.file_error = stamp, error
+        if error:
+            log.error("experiments file rejected", extra={"err": error})
+        self.items = parse_experiments(raw, self.registry)
+        return True
+
+    def get(self, name: str) -> Experiment:
+        exp = self.items.get(name)
+        if exp is None:
+            raise not_found("experiment", f"unknown experiment '{name}'")
+        return exp
+
+    def serving(self, name: str) -> Experiment:
+        exp = self.get(name)
+        if exp.error:
+            raise ApiError(503, "experiment_invalid", f"experiment '{name}' is invalid: {exp.error}")
+        return exp
+
+    def view(self, name: str) -> dict[str, Any]:
+        exp = self.get(name)
+        out = exp.describe()
+        out["counts_scope"] = self.stats.scope
+        if exp.error is None:
+            out.update(summarize(exp, self.stats.read(name)))
+        return out
