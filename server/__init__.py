@@ -7,7 +7,7 @@ Imports happen inside ``create_app`` so that importing ``server.logs`` in the gu
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -20,13 +20,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     from flask import Flask
 
     from server import web
-    from server.blueprints import admin, experiments, health, models, predict
+    from server.blueprints import admin, experiments, health, models, predict, stream, ws
     from server.cache import make_cache, make_redis
     from server.config import Settings
+    from server.events import EventLog
     from server.experiments import Experiments, MemoryStats, RedisStats
     from server.inference import DataPlane
     from server.logs import configure_logging
-    from server.registry import ModelRegistry
+    from server.monitor import WorkerMetrics
+    from server.registry import ModelRegistry, ReloadReport
     from server.reloader import Reloader
     from server.repository import ModelRepository
 
@@ -46,17 +48,41 @@ def create_app(settings: Settings | None = None) -> Flask:
     ab.reload()
     dataplane = DataPlane(registry, cache, ab)
     dataplane.sync_cache()
+    events = EventLog(settings.runtime_dir)
+
+    def after_reload(report: ReloadReport) -> None:
+        dataplane.on_reload(report)
+        for kind, keys in (("version_added", report.added), ("version_changed", report.changed),
+                           ("version_removed", report.removed), ("model_failed", report.failed)):
+            for key in keys:
+                model, version = key.rsplit("/", 1)
+                events.publish(kind, {"model": model, "version": version})
+        if ab.reload(force=report.touched):
+            events.publish("experiments_reloaded", {"experiments": sorted(ab.items)})
+
     reloader = Reloader(registry, settings.model_poll_seconds, settings.runtime_dir,
-                        on_reload=dataplane.on_reload)
+                        on_reload=after_reload)
+    def figures() -> dict[str, Any]:
+        cache_status = cache.status()
+        return {"cache": {"hits": cache_status.get("hits", 0),
+                          "misses": cache_status.get("misses", 0)},
+                "models_loaded": sum(len(e.versions) for e in registry.models.values()),
+                "predictions": dataplane.predictions, "per_model": dict(dataplane.per_model)}
+
+    metrics = WorkerMetrics(events.dir, figures)
     app.extensions["model_server"] = web.ServerState(
         settings=settings,
         registry=registry,
         dataplane=dataplane,
         reloader=reloader,
+        events=events,
+        metrics=metrics,
         started=time.time(),
     )
     web.install(app)
-    for blueprint in (health.bp, models.bp, predict.bp, experiments.bp, admin.bp):
+    for blueprint in (health.bp, models.bp, predict.bp, experiments.bp, stream.bp, ws.bp,
+                      admin.bp):
         app.register_blueprint(blueprint)
     reloader.start()
+    metrics.start()
     return app

@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     )
     max_batch: int = Field(1000, ge=1, description="Most rows in one /predict/batch.")
     max_body_bytes: int = Field(8_388_608, ge=1, description="Largest JSON body (413 beyond).")
+    stream_max_rows: int = Field(100_000, ge=1, description="Most rows in one /predict/stream.")
+    stream_chunk_rows: int = Field(
+        256, ge=1, description="Rows predicted per chunk of a stream (the worker yields between)."
+    )
+    heartbeat_seconds: float = Field(5.0, gt=0, description="SSE ': ping' interval while idle.")
     api_keys: str = Field("", description="Comma list of API keys; empty = model endpoints open.")
     admin_token: str = Field("", description="Admin bearer token; empty = admin endpoints 403.")
     default_model: str = Field("", description="Model used by POST /predict when none is named.")

@@ -115,20 +115,26 @@ class DataPlane:
         self.cache: PredictionCache = cache if cache is not None else NoCache()
         self.experiments = experiments or Experiments(registry, MemoryStats())
         self.predictions = 0
+        self.per_model: dict[str, int] = {}
         self._count_lock = threading.Lock()
 
     def predict(
         self, model: str, version: str | int | None, rows: Sequence[RowInput], loc: list[Any]
     ) -> Outcome:
         lv = self.registry.resolve(model, version)
-        X = to_matrix(lv, rows, loc)
+        return self.predict_resolved(lv, to_matrix(lv, rows, loc), loc)
+
+    def predict_resolved(self, lv: LoadedVersion, X: np.ndarray, loc: list[Any]) -> Outcome:
+        """Predict the rows of a matrix already built for ``lv`` (through the cache)."""
         if not self.cache.enabled:
             results = self._call(lv, X, loc)
             cached = 0
         else:
             results, cached = self._through_cache(lv, X, loc)
+        key = f"{lv.name}:{lv.version}"
         with self._count_lock:
             self.predictions += len(results)
+            self.per_model[key] = self.per_model.get(key, 0) + len(results)
         return Outcome(lv, results, cached)
 
     def _through_cache(
@@ -185,8 +191,7 @@ class DataPlane:
         return arm
 
     def on_reload(self, report: ReloadReport) -> None:
-        """Re-read experiments; forget answers of versions whose artifact changed or went."""
-        self.experiments.reload(force=report.touched)
+        """Forget answers of versions whose artifact changed or went away."""
         if not report.touched:
             return
         for key in (*report.changed, *report.removed):

@@ -75,7 +75,7 @@ class ModelRepository:
     """Reads MODEL_DIR. Stateless apart from the root path."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+        self.root = Path(root).absolute()
 
     def scan(self) -> dict[str, ModelOnDisk]:
         models: dict[str, ModelOnDisk] = {}

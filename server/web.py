@@ -18,8 +18,10 @@ from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
 from server.config import Settings
-from server.errors import ApiError
+from server.errors import ApiError, validation_error
+from server.events import EventLog
 from server.inference import DataPlane
+from server.monitor import WorkerMetrics
 from server.registry import ModelRegistry
 from server.reloader import Reloader
 from server.schemas import error_details
@@ -44,6 +46,8 @@ class ServerState:
     registry: ModelRegistry
     dataplane: DataPlane
     reloader: Reloader
+    events: EventLog
+    metrics: WorkerMetrics
     started: float
 
 
@@ -86,6 +90,22 @@ def validate(schema: type[M], payload: Any) -> M:
         first = details[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise ApiError(422, "validation_error", f"{where}: {first['msg']}", details) from exc
+
+
+def choose_target(
+    path_model: str | None, body_model: str | None,
+    path_version: str | None, body_version: str | None,
+) -> tuple[str, str | int | None]:
+    """Model and version of a request: the path wins over the body, the body over ``?version=``."""
+    if path_model and body_model and body_model != path_model:
+        raise validation_error(f"body names model '{body_model}' but the path '{path_model}'",
+                               ["model"])
+    name = path_model or body_model or state().settings.default_model
+    if not name:
+        raise validation_error("name a model: 'model' in the body or /predict/<model>", ["model"])
+    version = path_version or body_version or request.args.get("version") or None
+    g.model = name
+    return name, version
 
 
 def _presented_token(*headers: str) -> str:
@@ -145,6 +165,7 @@ def install(app: Flask) -> None:
     def _finish(response: Response) -> Response:
         response.headers["X-Request-ID"] = request_id()
         latency = (time.perf_counter() - g.get("t0", time.perf_counter())) * 1000
+        state().metrics.observe(latency, response.status_code)
         rule = request.url_rule.rule if request.url_rule is not None else None
         log.info("request", extra={
             "request_id": request_id(), "method": request.method, "route": rule,

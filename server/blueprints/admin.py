@@ -1,11 +1,12 @@
-"""POST /admin/reload (alias /model/reload): rescan the repository in every worker."""
+"""Admin: POST /admin/reload (alias /model/reload), artifact downloads."""
 
 from __future__ import annotations
 
 import os
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, send_file
 
+from server.errors import not_found
 from server.web import json_response, require_admin, state
 
 bp = Blueprint("admin", __name__)
@@ -22,3 +23,26 @@ def reload() -> Response:
         "status": "reloaded", "pid": os.getpid(), **report.as_dict(),
         "models": {n: sorted(e.versions, key=int) for n, e in models.items()},
     })
+
+
+def _send_artifact(name: str, version: str | None) -> Response:
+    """Stream one artifact, sha256 as ETag. Names are checked and the path must resolve
+    inside MODEL_DIR (symlinks included) before anything is opened."""
+    st = state()
+    lv = st.registry.resolve(name, version)
+    path = st.registry.repository.artifact_path(lv.name, lv.version)
+    if path is None:
+        raise not_found("artifact", f"no artifact for model '{name}' version {lv.version}")
+    return send_file(path, mimetype="application/octet-stream", as_attachment=True,
+                     download_name=f"{lv.name}-{lv.version}.joblib", etag=lv.sha256,
+                     conditional=True, max_age=0)
+
+
+@bp.get("/models/<name>/versions/<version>/artifact")
+def artifact(name: str, version: str) -> Response:
+    return _send_artifact(name, version)
+
+
+@bp.get("/download/model/<name>")
+def download_latest(name: str) -> Response:
+    return _send_artifact(name, None)

@@ -7,6 +7,7 @@ import time
 
 from flask import Blueprint, Response
 
+from server.monitor import resident_mb
 from server.web import json_response, state
 
 bp = Blueprint("health", __name__)
@@ -44,6 +45,8 @@ def status() -> Response:
         "pid": os.getpid(),
         "uptime_seconds": round(time.time() - st.started, 3),
         "predictions_served": st.dataplane.predictions,
+        "rss_mb": resident_mb(),
+        "streams": dict(st.metrics.streams),
         "scope": "this worker",
         "models": models,
         "last_reload": st.registry.last_reload,

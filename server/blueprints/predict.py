@@ -6,29 +6,15 @@ from typing import Any
 
 from flask import Blueprint, Response, g, request
 
-from server.errors import ApiError, validation_error
+from server.errors import ApiError
 from server.inference import Outcome
 from server.schemas import BatchRequest, PredictRequest
-from server.web import json_response, read_json, request_id, require_api_key, state, validate
+from server.web import (
+    choose_target, json_response, read_json, request_id, require_api_key, state, validate,
+)
 
 bp = Blueprint("predict", __name__)
 bp.before_request(require_api_key)
-
-
-def choose_target(
-    path_model: str | None, body_model: str | None,
-    path_version: str | None, body_version: str | None,
-) -> tuple[str, str | int | None]:
-    """Model and version of a request: the path wins over the body, the body over ``?version=``."""
-    if path_model and body_model and body_model != path_model:
-        raise validation_error(f"body names model '{body_model}' but the path '{path_model}'",
-                               ["model"])
-    name = path_model or body_model or state().settings.default_model
-    if not name:
-        raise validation_error("name a model: 'model' in the body or /predict/<model>", ["model"])
-    version = path_version or body_version or request.args.get("version") or None
-    g.model = name
-    return name, version
 
 
 def _note(outcome: Outcome) -> None:

@@ -1,0 +1,135 @@
+"""SSE: POST /predict/stream, POST /predict/csv, GET /stream/events."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Iterator
+
+from flask import Blueprint, Response, g, request
+
+from server import monitor, streaming
+from server.csvstream import feature_positions, open_csv, score_csv
+from server.errors import ApiError, validation_error
+from server.inference import to_matrix
+from server.schemas import BatchRequest
+from server.web import choose_target, read_json, require_api_key, state, validate
+
+bp = Blueprint("stream", __name__)
+bp.before_request(require_api_key)
+
+SPOOL_MEMORY = 1 << 20  # a CSV body beyond 1 MB is spooled to disk, not kept in memory
+
+
+def sse(source: Iterator[str]) -> Response:
+    return Response(streaming.finish(source), mimetype="text/event-stream",
+                    headers=streaming.SSE_HEADERS)
+
+
+@bp.post("/predict/stream")
+def predict_stream() -> Response:
+    st = state()
+    payload = read_json()
+    limit = st.settings.stream_max_rows
+    rows = payload.get("instances") if isinstance(payload, dict) else None
+    if isinstance(rows, list) and len(rows) > limit:
+        raise ApiError(413, "too_many_rows", f"{len(rows)} rows sent, at most {limit} streamed",
+                       [{"loc": ["instances"], "msg": f"at most {limit} rows"}])
+    req = validate(BatchRequest, payload)
+    name, version = choose_target(None, req.model, None, req.version)
+    # Everything that can be wrong with the whole body is answered before the stream starts.
+    lv = st.registry.resolve(name, version)
+    X = to_matrix(lv, req.instances, ["instances"])
+    g.version = lv.version
+    metrics = st.metrics
+    metrics.stream("started")
+
+    def ended(completed: bool) -> None:
+        metrics.stream("completed" if completed else "cancelled")
+
+    return sse(streaming.prediction_events(
+        lambda part: st.dataplane.predict_resolved(lv, part, ["instances"]).results,
+        X, st.settings.stream_chunk_rows, lambda n: metrics.stream("rows", n), ended,
+    ))
+
+
+@bp.post("/predict/csv")
+def predict_csv() -> Response:
+    st = state()
+    # Streamed CSV bodies are not bound by MAX_BODY_BYTES (None would fall back to it).
+    request.max_content_length = sys.maxsize
+    mimetype = request.mimetype
+    if mimetype and mimetype not in {"text/csv", "text/plain", "application/csv",
+                                     "application/octet-stream"}:
+        raise ApiError(415, "unsupported_media_type", f"expected text/csv, got {mimetype}")
+    name = request.args.get("model") or st.settings.default_model
+    if not name:
+        raise validation_error("name a model: /predict/csv?model=<name>", ["query", "model"])
+    g.model = name
+    lv = st.registry.resolve(name, request.args.get("version") or None)
+    g.version = lv.version
+    body = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)
+    shutil.copyfileobj(request.stream, body, 1 << 16)
+    body.seek(0)
+    header, reader = open_csv(body)
+    positions = feature_positions(lv, header)
+
+    def predict(X: Any) -> list[dict[str, Any]]:
+        return st.dataplane.predict_resolved(lv, X, ["csv"]).results
+
+    chunks = score_csv(lv, body, predict, positions, header, reader)
+    if "text/event-stream" in request.headers.get("Accept", ""):
+        return sse(_csv_progress(chunks, body))
+    return Response(_closing(chunks, body), mimetype="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="{name}-scored.csv"'})
+
+
+def _closing(chunks: Iterator[tuple[str, int, int, int]], body: Any) -> Iterator[str]:
+    try:
+        for text, *_ in chunks:
+            yield text
+            time.sleep(0)
+    finally:
+        body.close()
+
+
+def _csv_progress(chunks: Iterator[tuple[str, int, int, int]], body: Any) -> Iterator[str]:
+    rows = bad = 0
+    try:
+        for _, rows, bad, read in chunks:
+            yield streaming.event({"rows": rows, "errors": bad, "bytes": read}, "progress")
+            time.sleep(0)
+        yield streaming.event({"status": "complete", "rows": rows, "errors": bad})
+    finally:
+        body.close()
+
+
+@bp.get("/stream/events")
+def server_events() -> Response:
+    st = state()
+    runtime = st.events.dir
+    ping = st.settings.heartbeat_seconds
+
+    def source() -> Iterator[str]:
+        yield streaming.event({"type": "hello", "models": sorted(st.registry.models)})
+        recent: dict[tuple[Any, ...], float] = {}
+        last_metrics = last_sent = time.monotonic()
+        for batch in st.events.follow(0.2):
+            now = time.monotonic()
+            for ev in batch:
+                # Every worker reloads and reports the same change: tell it once.
+                key = (ev.get("type"), ev.get("model"), ev.get("version"))
+                if now - recent.get(key, -1e9) > 5:
+                    recent[key] = now
+                    yield streaming.event(ev, ev.get("type"))
+                    last_sent = now
+            if now - last_metrics >= 1.0:
+                last_metrics = last_sent = now
+                yield streaming.event({"type": "metrics", **monitor.summary(runtime)}, "metrics")
+            elif now - last_sent >= ping:
+                last_sent = now
+                yield streaming.PING
+
+    return sse(source())
