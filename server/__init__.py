@@ -20,7 +20,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     from flask import Flask
 
     from server import web
-    from server.blueprints import admin, experiments, health, models, predict, stream, ws
+    from server.blueprints import (
+        admin, experiments, health, models, predict, stream, v2_oip, ws,
+    )
     from server.cache import make_cache, make_redis
     from server.config import Settings
     from server.events import EventLog
@@ -81,7 +83,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     web.install(app)
     for blueprint in (health.bp, models.bp, predict.bp, experiments.bp, stream.bp, ws.bp,
-                      admin.bp):
+                      v2_oip.bp, admin.bp):
         app.register_blueprint(blueprint)
     reloader.start()
     metrics.start()

@@ -1,0 +1,82 @@
+"""Open Inference Protocol (KServe V2, Triton, MLServer) on the same port and data plane."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, g, request
+
+from server import oip
+from server.errors import ApiError
+from server.registry import LoadedVersion
+from server.web import json_response, require_api_key, state
+
+bp = Blueprint("v2_oip", __name__, url_prefix="/v2")
+bp.before_request(require_api_key)
+
+SERVER_NAME = "model-server"
+SERVER_VERSION = "1.0"
+
+
+@bp.errorhandler(ApiError)
+def _error(err: ApiError) -> Response:
+    # The protocol's error shape: {"error": "..."}; invalid input is 400, not 422.
+    status = 400 if err.status == 422 else err.status
+    return json_response({"error": err.message}, status, err.headers)
+
+
+def _resolve(model: str, version: str | None) -> LoadedVersion:
+    g.model = model
+    lv = state().registry.resolve(model, version)
+    g.version = lv.version
+    return lv
+
+
+@bp.get("")
+def server_metadata() -> Response:
+    return json_response({"name": SERVER_NAME, "version": SERVER_VERSION,
+                          "extensions": ["binary_tensor_data"]})
+
+
+@bp.get("/health/live")
+def live() -> Response:
+    return json_response({"live": True})
+
+
+@bp.get("/health/ready")
+def ready() -> Response:
+    registry = state().registry
+    ok = registry.loaded_once and any(e.versions for e in registry.models.values())
+    return json_response({"ready": ok}, 200 if ok else 503)
+
+
+@bp.get("/models/<model>")
+@bp.get("/models/<model>/versions/<version>")
+def model_metadata(model: str, version: str | None = None) -> Response:
+    lv = _resolve(model, version)
+    versions = sorted(state().registry.get(model).versions, key=int)
+    return json_response(oip.metadata(lv, versions))
+
+
+@bp.get("/models/<model>/ready")
+@bp.get("/models/<model>/versions/<version>/ready")
+def model_ready(model: str, version: str | None = None) -> Response:
+    lv = _resolve(model, version)
+    return json_response({"name": lv.name, "version": lv.version, "ready": True})
+
+
+@bp.post("/models/<model>/infer")
+@bp.post("/models/<model>/versions/<version>/infer")
+def infer(model: str, version: str | None = None) -> Response:
+    lv = _resolve(model, version)
+    # Clients of the binary extension may send no (or any) Content-Type: read the bytes.
+    req = oip.parse_request(request.get_data(cache=False),
+                            request.headers.get("Inference-Header-Content-Length"))
+    X = oip.to_matrix(lv, req)
+    outcome = state().dataplane.predict_resolved(lv, X, ["inputs"])
+    g.cache = f"{outcome.cached}/{len(outcome.results)}"
+    body, header_length = oip.encode_response(lv, req, outcome.results)
+    if header_length is None:
+        return Response(body, mimetype="application/json")
+    headers: dict[str, Any] = {"Inference-Header-Content-Length": str(header_length)}
+    return Response(body, mimetype="application/octet-stream", headers=headers)
