@@ -2,6 +2,7 @@
 environment (BIND, WORKERS, ...) or on the command line."""
 
 import os
+import shutil
 import tempfile
 
 # --- Socket -------------------------------------------------------------------------------
@@ -54,7 +55,20 @@ logconfig_dict = {
 
 # --- Hooks --------------------------------------------------------------------------------
 def on_starting(server):
-    """Give the workers of this server a shared directory for the reload signal."""
+    """Give the workers of this server a shared directory (reload signal, events, figures)
+    and a fresh directory for prometheus-client's multiprocess files, set before any worker
+    imports the library."""
     if not os.environ.get("RUNTIME_DIR"):
         os.environ["RUNTIME_DIR"] = tempfile.mkdtemp(prefix="model-server-")
+    prom = os.path.join(os.environ["RUNTIME_DIR"], "prometheus")
+    shutil.rmtree(prom, ignore_errors=True)
+    os.makedirs(prom, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = prom
     server.log.info("runtime dir %s", os.environ["RUNTIME_DIR"])
+
+
+def child_exit(server, worker):
+    """A dead worker's metric files must not count as live (gauges) any more."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

@@ -29,6 +29,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from server.experiments import Experiments, MemoryStats, RedisStats
     from server.inference import DataPlane
     from server.logs import configure_logging
+    from server import metrics
     from server.monitor import WorkerMetrics
     from server.registry import ModelRegistry, ReloadReport
     from server.reloader import Reloader
@@ -41,6 +42,9 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     registry = ModelRegistry(ModelRepository(settings.model_dir))
     registry.reload()
+    for name, entry in registry.models.items():
+        if entry.failed:
+            metrics.LOAD_FAILURES.labels(name).inc(len(entry.failed))
     client = None
     if settings.redis_url:
         client = make_redis(settings.redis_url, settings.redis_timeout, settings.redis_pool_size)
@@ -54,6 +58,8 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     def after_reload(report: ReloadReport) -> None:
         dataplane.on_reload(report)
+        for key in report.failed:
+            metrics.LOAD_FAILURES.labels(key.rsplit("/", 1)[0]).inc()
         for kind, keys in (("version_added", report.added), ("version_changed", report.changed),
                            ("version_removed", report.removed), ("model_failed", report.failed)):
             for key in keys:
@@ -82,6 +88,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         started=time.time(),
     )
     web.install(app)
+    from server.blueprints import v1_tfserving; app.register_blueprint(v1_tfserving.bp)  # TEMP v1_tfserving
     for blueprint in (health.bp, models.bp, predict.bp, experiments.bp, stream.bp, ws.bp,
                       v2_oip.bp, admin.bp):
         app.register_blueprint(blueprint)

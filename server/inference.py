@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import orjson
 
+from server import metrics
 from server.cache import NoCache, PredictionCache, row_keys
 from server.errors import ApiError, validation_error
 from server.experiments import Arm, Experiment, Experiments, MemoryStats
@@ -132,6 +133,11 @@ class DataPlane:
         else:
             results, cached = self._through_cache(lv, X, loc)
         key = f"{lv.name}:{lv.version}"
+        metrics.PREDICTIONS.labels(lv.name, lv.version).inc(len(results))
+        metrics.BATCH_ROWS.observe(len(results))
+        if self.cache.enabled:
+            metrics.CACHE.labels("hit").inc(cached)
+            metrics.CACHE.labels("miss").inc(len(results) - cached)
         with self._count_lock:
             self.predictions += len(results)
             self.per_model[key] = self.per_model.get(key, 0) + len(results)

@@ -17,6 +17,7 @@ from flask import Flask, Response, current_app, g, request
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
+from server import metrics
 from server.config import Settings
 from server.errors import ApiError, validation_error
 from server.events import EventLog
@@ -160,6 +161,11 @@ def install(app: Flask) -> None:
         sent = request.headers.get("X-Request-ID", "")
         g.request_id = sent if REQUEST_ID_RE.match(sent) else uuid.uuid4().hex
         g.t0 = time.perf_counter()
+        metrics.IN_FLIGHT.inc()
+
+    @app.teardown_request
+    def _done(_: BaseException | None) -> None:
+        metrics.IN_FLIGHT.dec()
 
     @app.after_request
     def _finish(response: Response) -> Response:
@@ -167,6 +173,9 @@ def install(app: Flask) -> None:
         latency = (time.perf_counter() - g.get("t0", time.perf_counter())) * 1000
         state().metrics.observe(latency, response.status_code)
         rule = request.url_rule.rule if request.url_rule is not None else None
+        route = rule or "unmatched"
+        metrics.REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+        metrics.LATENCY.labels(route).observe(latency / 1000)
         log.info("request", extra={
             "request_id": request_id(), "method": request.method, "route": rule,
             "path": request.path, "status": response.status_code,

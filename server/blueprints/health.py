@@ -7,6 +7,7 @@ import time
 
 from flask import Blueprint, Response
 
+from server import metrics
 from server.monitor import resident_mb
 from server.web import json_response, state
 
@@ -30,6 +31,12 @@ def ready() -> Response:
         body["reason"] = "no servable model in the repository" if registry.loaded_once \
             else "models are loading"
     return json_response(body, 200 if ok else 503)
+
+
+@bp.get("/metrics")
+def prometheus() -> Response:
+    """Prometheus text, summed over every worker of this server."""
+    return Response(metrics.exposition(), content_type=metrics.CONTENT_TYPE)
 
 
 @bp.get("/status")

@@ -1,0 +1,38 @@
+"""Prometheus metrics, summed over every gunicorn worker (multiprocess mode).
+
+``gunicorn.conf.py`` sets ``PROMETHEUS_MULTIPROC_DIR`` in the master before any worker
+imports prometheus_client, and removes a dead worker's files in ``child_exit``. Without it
+(a single process, e.g. the Flask test client) the default registry is used.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
+    generate_latest, multiprocess,
+)
+
+REQUESTS = Counter("http_requests_total", "HTTP requests answered.",
+                   ["route", "method", "status"])
+LATENCY = Histogram("http_request_duration_seconds", "Time to the response headers.",
+                    ["route"], buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5,
+                                        1, 2.5, 5, 10))
+IN_FLIGHT = Gauge("http_requests_in_flight", "Requests being handled.",
+                  multiprocess_mode="livesum")
+PREDICTIONS = Counter("predictions_total", "Rows predicted.", ["model", "version"])
+CACHE = Counter("prediction_cache_lookups_total", "Cache lookups by result.", ["result"])
+BATCH_ROWS = Histogram("batch_rows", "Rows per prediction call.",
+                       buckets=(1, 2, 5, 10, 50, 100, 250, 500, 1000, 5000, 20000, 100000))
+LOAD_FAILURES = Counter("model_load_failures_total", "Model versions that failed to load.",
+                        ["model"])
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def exposition() -> bytes:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)

@@ -1,0 +1,53 @@
+"""GET /metrics: Prometheus text summed over every gunicorn worker."""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+from tests.conftest import LiveServer
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+        if m and m.group(1) == name:
+            got = ",".join(sorted((m.group(2) or "").split(","))) if m.group(2) else ""
+            if got == want:
+                return float(m.group(3))
+    return 0.0
+
+
+def test_metrics_are_summed_over_workers(server_factory: Callable[..., LiveServer],
+                                         model_repo: Path) -> None:
+    (model_repo / "iris" / "9").mkdir()
+    (model_repo / "iris" / "9" / "model.joblib").write_bytes(b"broken")
+    server = server_factory(model_repo, CACHE="on")
+    def one(i: int) -> int:
+        resp = server.fresh("POST", "/predict/iris", json=[5.1, 3.5, 1.4, i % 4 / 10])
+        assert resp.status_code == 200
+        return int(server.fresh("GET", "/status").json()["pid"])
+
+    with ThreadPoolExecutor(16) as pool:  # concurrent, so both workers take connections
+        pids = set(pool.map(one, range(40)))
+    server.post("/predict/batch", json={"model": "iris", "instances": [[1, 2, 3, 4]] * 10})
+    server.post("/predict/iris", json=[1, 2])
+    assert len(pids) == 2
+    resp = server.get("/metrics")
+    assert resp.headers["Content-Type"].startswith("text/plain; version=")
+    text = resp.text
+    assert sample(text, "predictions_total", model="iris", version="2") == 50
+    assert sample(text, "http_requests_total", route="/predict/<model>", method="POST",
+                  status="200") == 40
+    assert sample(text, "http_requests_total", route="/predict/<model>", method="POST",
+                  status="422") == 1
+    hits = sample(text, "prediction_cache_lookups_total", result="hit")
+    misses = sample(text, "prediction_cache_lookups_total", result="miss")
+    assert hits + misses == 50 and hits >= 30  # 4 distinct rows, two per-worker caches
+    assert sample(text, "model_load_failures_total", model="iris") == 2  # once per worker
+    assert sample(text, "batch_rows_count") == 41
+    assert sample(text, "http_request_duration_seconds_count", route="/predict/batch") == 1
+    assert "http_requests_in_flight" in text
