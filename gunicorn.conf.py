@@ -8,6 +8,10 @@ import tempfile
 # --- Socket -------------------------------------------------------------------------------
 # Where to listen; the API contract's BIND variable.
 bind = os.environ.get("BIND", "127.0.0.1:8000")
+# Each worker opens its own SO_REUSEPORT listener, so the kernel spreads new connections
+# evenly; one shared listener lets whichever worker wakes first take most keep-alive
+# connections while the other idles (measured: 40 fresh requests all on one worker).
+reuse_port = os.environ.get("REUSE_PORT", "1") not in ("0", "false", "no")
 # Pending connections the kernel queues before accept().
 backlog = int(os.environ.get("BACKLOG", "2048"))
 

@@ -21,7 +21,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     from server import web
     from server.blueprints import (
-        admin, experiments, health, models, predict, stream, v2_oip, ws,
+        admin, experiments, health, models, predict, stream, v1_tfserving, v2_oip, ws,
     )
     from server.cache import make_cache, make_redis
     from server.config import Settings
@@ -77,21 +77,20 @@ def create_app(settings: Settings | None = None) -> Flask:
                 "models_loaded": sum(len(e.versions) for e in registry.models.values()),
                 "predictions": dataplane.predictions, "per_model": dict(dataplane.per_model)}
 
-    metrics = WorkerMetrics(events.dir, figures)
+    live = WorkerMetrics(events.dir, figures)
     app.extensions["model_server"] = web.ServerState(
         settings=settings,
         registry=registry,
         dataplane=dataplane,
         reloader=reloader,
         events=events,
-        metrics=metrics,
+        metrics=live,
         started=time.time(),
     )
     web.install(app)
-    from server.blueprints import v1_tfserving; app.register_blueprint(v1_tfserving.bp)  # TEMP v1_tfserving
     for blueprint in (health.bp, models.bp, predict.bp, experiments.bp, stream.bp, ws.bp,
-                      v2_oip.bp, admin.bp):
+                      v2_oip.bp, v1_tfserving.bp, admin.bp):
         app.register_blueprint(blueprint)
     reloader.start()
-    metrics.start()
+    live.start()
     return app

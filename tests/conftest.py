@@ -100,8 +100,20 @@ class LiveServer(Process):
     def start(self, wait_ready: bool = True) -> "LiveServer":
         super().start()
         path = "/ready" if wait_ready else "/health"
+        workers = int(self.env.get("WORKERS", "1"))
+        seen: set[int] = set()
+
+        def every_worker_up() -> bool:
+            # Fresh connections spread over the workers (SO_REUSEPORT): wait until each of
+            # them has answered, so no worker is still starting while a test measures.
+            resp = requests.get(self.url + path, timeout=2, headers={"Connection": "close"})
+            if resp.status_code == 200 and path == "/ready":
+                seen.add(requests.get(self.url + "/status", timeout=2,
+                                      headers={"Connection": "close"}).json()["pid"])
+            return resp.status_code == 200 and (path != "/ready" or len(seen) >= workers)
+
         try:
-            wait_until(lambda: requests.get(self.url + path, timeout=2).status_code == 200, 40)
+            wait_until(every_worker_up, 40)
         except AssertionError:
             self.stop()
             raise AssertionError("server did not start:\n" + self.log_text()[-4000:])

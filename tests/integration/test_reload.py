@@ -63,7 +63,7 @@ def test_broken_artifact_is_reported_and_skipped(
     (model_repo / "iris" / "3").mkdir()
     (model_repo / "iris" / "3" / "model.joblib").write_bytes(b"not a pickle at all")
     report = server.post("/admin/reload", headers=admin).json()
-    assert report["failed"] == ["iris/3"]
+    assert report["failed"] == ["iris/3"], report
     info = server.get("/models/iris").json()
     broken = [v for v in info["versions"] if v["version"] == "3"][0]
     assert broken["state"] == "FAILED" and broken["error"]

@@ -1,0 +1,103 @@
+"""TF Serving REST API (v1) over the same data plane: models, versions, labels, cache, auth.
+
+``GET /v1/models/<m>[/versions/<v>|/labels/<l>][/metadata]`` and
+``POST /v1/models/<m>[/versions/<v>|/labels/<l>]:predict|:classify|:regress``.
+
+What the answers hold (details in ``server.tfserving``): a ``:predict`` element is a
+classifier's probability vector in class order (TF classifiers' default signature), or a
+regressor's float; ``signature_name: "predict"`` adds the predicted class as ``predictions``.
+``:classify`` gives ``[[class_name, probability], ...]`` per example and ``:regress`` one float
+per example; the other task's verb is a 400. Errors are ``{"error": "..."}`` only, with TF
+Serving's codes: our 422 (invalid argument) becomes 400.
+
+One route takes everything after ``/v1/models/`` and ``server.tfserving.parse_path`` reads it:
+Flask's converters would take ``iris:predict`` for a model name. The body is read as JSON
+whatever its Content-Type, because TF Serving does and ``curl -d`` sends a form type.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, Response, g, request
+from werkzeug.exceptions import HTTPException
+
+from server import tfserving as tf
+from server.errors import ApiError, not_found
+from server.registry import LoadedVersion
+from server.web import json_response, request_id, require_api_key, state
+
+log = logging.getLogger(__name__)
+
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+bp = Blueprint("v1_tfserving", __name__)
+bp.before_request(require_api_key)
+
+
+@bp.errorhandler(ApiError)
+def _api_error(err: ApiError) -> Response:
+    # TF Serving says INVALID_ARGUMENT (400) where our contract says 422.
+    status = 400 if err.status == 422 else err.status
+    return json_response({"error": err.message}, status, err.headers)
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    message = exc.description or exc.name
+    if status == 413:
+        message = f"request body larger than {state().settings.max_body_bytes} bytes"
+    return json_response({"error": message}, status)
+
+
+@bp.errorhandler(Exception)
+def _crash(exc: Exception) -> Response:
+    log.exception("unhandled error", extra={"request_id": request_id()})
+    return json_response({"error": "internal server error"}, 500)
+
+
+# Every method is routed here so that a wrong one, too, gets a TF-shaped error.
+@bp.route("/v1/models", methods=METHODS, defaults={"rest": ""})
+@bp.route("/v1/models/<path:rest>", methods=METHODS)
+def v1_models(rest: str) -> Response:
+    target = tf.parse_path(rest, request.method)
+    g.model = target.model
+    allowed = ("POST",) if target.verb else ("GET", "HEAD")
+    if request.method not in allowed:
+        what = f":{target.verb}" if target.verb else "model status and metadata"
+        raise ApiError(405, "method_not_allowed", f"use {allowed[0]} for {what}",
+                       headers={"Allow": ", ".join(allowed)})
+    if target.verb is None:
+        if target.metadata:
+            return json_response(tf.metadata(_resolve(target)))
+        entry = state().registry.get(target.model)
+        return json_response(tf.model_status(entry, target.version, target.label))
+    body = tf.parse_body(request.get_data(cache=False))
+    name = tf.signature_name(body)
+    lv = _resolve(target)
+    g.version = lv.version
+    sig = tf.choose_signature(lv, target.verb, name)
+    limit = state().settings.max_batch
+    if target.verb == "predict":
+        X, key = tf.predict_matrix_of(lv, body, limit)
+        outcome = state().dataplane.predict_resolved(lv, X, [key])
+        answer = tf.predict_answer(sig, outcome.results, key)
+    else:
+        X = tf.examples_matrix(lv, body, limit)
+        outcome = state().dataplane.predict_resolved(lv, X, ["examples"])
+        answer = (tf.classify_answer(outcome.results) if target.verb == "classify"
+                  else tf.regress_answer(outcome.results))
+    g.cache = "HIT" if outcome.cached else "MISS"
+    return json_response(answer, headers={"X-Cache": g.cache})
+
+
+def _resolve(target: tf.Target) -> LoadedVersion:
+    registry = state().registry
+    version = target.version
+    if target.label is not None:
+        labels = registry.get(target.model).labels
+        if target.label not in labels:
+            raise not_found("label", f"model '{target.model}' has no label '{target.label}'")
+        version = labels[target.label]
+    return registry.resolve(target.model, version)
