@@ -19,9 +19,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Build one worker's application: settings, models, cache, data plane, blueprints."""
     from flask import Flask
 
-    from server import web
+    from server import metrics, web
     from server.blueprints import (
-        admin, experiments, health, models, predict, stream, v1_tfserving, v2_oip, ws,
+        admin,
+        experiments,
+        health,
+        models,
+        predict,
+        stream,
+        v1_tfserving,
+        v2_oip,
+        ws,
     )
     from server.cache import make_cache, make_redis
     from server.config import Settings
@@ -29,7 +37,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     from server.experiments import Experiments, MemoryStats, RedisStats
     from server.inference import DataPlane
     from server.logs import configure_logging
-    from server import metrics
     from server.monitor import WorkerMetrics
     from server.registry import ModelRegistry, ReloadReport
     from server.reloader import Reloader

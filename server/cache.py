@@ -13,7 +13,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -208,7 +209,9 @@ class RedisCache(_Counters):
             self._fail(exc)
             return self.count([None] * len(keys))
         self._recovered()
-        return self.count(list(found))
+        # decode_responses is off: values are bytes (or None).
+        return self.count([v if v is None or isinstance(v, bytes) else v.encode()
+                           for v in found])
 
     def set_many(self, items: dict[str, bytes]) -> None:
         if self.open or not items:
@@ -250,7 +253,7 @@ class RedisCache(_Counters):
         try:
             recorded = self.client.mget(names)
             stale = [mv for mv, old in zip(shas, recorded)
-                     if old is not None and old.decode() != shas[mv]]
+                     if old is not None and _text(old) != shas[mv]]
             for model, version in stale:
                 self.drop_version(model, version)
             self.client.mset({n: sha for n, sha in zip(names, shas.values())})
@@ -270,6 +273,10 @@ class RedisCache(_Counters):
             "last_error": self.last_error, "last_error_at": self.last_error_at,
             "ttl": self.ttl, **self.figures(),
         }
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def make_redis(url: str, timeout: float, pool_size: int) -> redis.Redis:

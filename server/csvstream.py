@@ -6,7 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import math
-from typing import IO, Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import IO, Any
 
 import numpy as np
 

@@ -2,16 +2,20 @@
 
 Fitted on scikit-learn's bundled data sets, nothing downloaded: iris v1 LogisticRegression
 and v2 RandomForest (labels stable=1, canary=2), breast_cancer, diabetes, and the ``iris-ab``
-experiment splitting iris 50/50 between v1 and v2.
+experiment splitting iris 50/50 between v1 and v2. Each model's whole data set is also written
+to ``NAME/data/train.csv`` (feature columns + ``target``) for ``POST /train/stream``; the scan
+only reads integer folders, so ``data/`` is never taken for a version.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import joblib
 from sklearn import datasets
@@ -83,12 +87,32 @@ def write_version(root: Path, name: str, version: str, loader: Callable[[], Any]
     return True
 
 
+def write_training_data(root: Path, name: str, loader: Callable[[], Any]) -> bool:
+    """Write every row of the data set as ``NAME/data/train.csv`` unless it already exists."""
+    path = root / name / "data" / "train.csv"
+    if path.exists():
+        return False
+    data = loader()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow([clean_name(n) for n in data.feature_names] + ["target"])
+        # tolist() gives Python floats/ints, whose str() is the shortest exact form.
+        for features, target in zip(data.data.tolist(), data.target.tolist(), strict=True):
+            out.writerow([*features, target])
+    tmp.replace(path)  # atomic: a trainer never reads half a file
+    return True
+
+
 def write_demo(root: Path) -> list[str]:
     root.mkdir(parents=True, exist_ok=True)
     written = []
     for name, version, loader, make, description in _specs():
         if write_version(root, name, version, loader, make, description):
             written.append(f"{name}/{version}")
+        if write_training_data(root, name, loader):
+            written.append(f"{name}/data/train.csv")
     for name, labels in LABELS.items():
         spec = root / name / "model.json"
         if not spec.exists():

@@ -200,7 +200,7 @@ class RedisStats:
         except (redis.RedisError, OSError) as exc:
             raise ApiError(503, "stats_unavailable", f"experiment counts unreadable: {exc}") \
                 from exc
-        return {k.decode(): float(v) for k, v in raw.items()}
+        return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
 
 
 # --- Statistics -------------------------------------------------------------------------------
@@ -291,7 +291,8 @@ class Experiments:
     def serving(self, name: str) -> Experiment:
         exp = self.get(name)
         if exp.error:
-            raise ApiError(503, "experiment_invalid", f"experiment '{name}' is invalid: {exp.error}")
+            raise ApiError(503, "experiment_invalid",
+                           f"experiment '{name}' is invalid: {exp.error}")
         return exp
 
     def view(self, name: str) -> dict[str, Any]:

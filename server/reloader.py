@@ -8,8 +8,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from server.registry import ModelRegistry, ReloadReport
 

@@ -82,7 +82,8 @@ class ModelRepository:
         try:
             entries = sorted(os.scandir(self.root), key=lambda e: e.name)
         except OSError as exc:
-            log.error("model repository unreadable", extra={"path": str(self.root), "err": str(exc)})
+            log.error("model repository unreadable",
+                      extra={"path": str(self.root), "err": str(exc)})
             return models
         for entry in entries:
             if entry.is_dir() and is_valid_name(entry.name) and not entry.name.startswith("."):

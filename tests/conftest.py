@@ -10,8 +10,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -51,10 +52,11 @@ class Process:
         self.argv, self.env, self.log = argv, env, log
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self) -> Process:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
+        return self
 
     @property
     def pid(self) -> int:
@@ -97,7 +99,7 @@ class LiveServer(Process):
         super().__init__(argv, full, tmp / f"gunicorn-{self.port}.log")
         self.session = requests.Session()
 
-    def start(self, wait_ready: bool = True) -> "LiveServer":
+    def start(self, wait_ready: bool = True) -> LiveServer:  # type: ignore[override]
         super().start()
         path = "/ready" if wait_ready else "/health"
         workers = int(self.env.get("WORKERS", "1"))
@@ -114,9 +116,9 @@ class LiveServer(Process):
 
         try:
             wait_until(every_worker_up, 40)
-        except AssertionError:
+        except AssertionError as exc:
             self.stop()
-            raise AssertionError("server did not start:\n" + self.log_text()[-4000:])
+            raise AssertionError("server did not start:\n" + self.log_text()[-4000:]) from exc
         return self
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -152,12 +154,12 @@ class RedisServer(Process):
                 "--enable-debug-command", "local", "--dir", str(tmp)]
         super().__init__(argv, dict(os.environ), tmp / f"redis-{self.port}.log")
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         super().start()
         wait_until(self.ping, 10)
         return self
 
-    def client(self) -> "redis.Redis":
+    def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=5)
 
     def ping(self) -> bool:

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Response, g
 
 from server.errors import ApiError
 from server.inference import Outcome
 from server.schemas import BatchRequest, PredictRequest
 from server.web import (
-    choose_target, json_response, read_json, request_id, require_api_key, state, validate,
+    choose_target,
+    json_response,
+    read_json,
+    request_id,
+    require_api_key,
+    state,
+    validate,
 )
 
 bp = Blueprint("predict", __name__)

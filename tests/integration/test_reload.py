@@ -7,8 +7,8 @@ import shutil
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import joblib
 from sklearn.datasets import load_iris

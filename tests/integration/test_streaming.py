@@ -9,9 +9,10 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ IRIS = datasets.load_iris().data
 
 def events(resp: requests.Response) -> Iterator[tuple[str, str]]:
     """(event name, data) pairs, parsed by an SSE client library."""
-    for ev in sseclient.SSEClient(resp).events():
+    for ev in sseclient.SSEClient(resp.iter_content(chunk_size=None)).events():
         yield ev.event, ev.data
 
 

@@ -94,7 +94,8 @@ def test_json_tensors_nested_and_flat(live_server: LiveServer) -> None:
     assert live_server.post("/v2/models/iris/infer", json=ints).status_code == 200
     strings = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "BYTES",
                            "data": ["5.1", "3.5", "1.4", "0.2"]}]}
-    assert live_server.post("/v2/models/iris/infer", json=strings).json()["outputs"][0]["data"] == [0]
+    answer = live_server.post("/v2/models/iris/infer", json=strings).json()
+    assert answer["outputs"][0]["data"] == [0]
 
 
 def test_one_input_per_feature_by_name(live_server: LiveServer) -> None:

@@ -1,0 +1,138 @@
+"""POST /train/stream (admin): incremental training streamed as server-sent events.
+
+Everything a client can get wrong is checked before the stream starts, so it gets a JSON 4xx;
+after that, failures arrive as ``event: error`` and the stream still ends in ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Response, g, request
+from pydantic import BaseModel, ConfigDict, Field
+
+from server import streaming
+from server.errors import ApiError, not_found, validation_error
+from server.repository import inside, is_valid_name
+from server.training import TARGET, data_path, train_events
+from server.web import ServerState, read_json, require_admin, state, validate
+
+bp = Blueprint("train", __name__)
+bp.before_request(require_admin)
+
+INT_RE = re.compile(r"^[+-]?[0-9]{1,18}$")
+
+
+class TrainRequest(BaseModel):
+    """What to train: a model that exists, for 1..1000 epochs."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str = Field(min_length=1, max_length=128, description="Model name.")
+    epochs: int = Field(10, ge=1, le=1000, description="Passes over the training rows.")
+
+
+@bp.post("/train/stream")
+def train_stream() -> Response:
+    st = state()
+    posted: Path | None = None
+    if request.mimetype == "text/csv":
+        req = validate(TrainRequest, _query_payload())
+        _check_model(st, req.model)
+        posted = _spool_body(st.settings.max_body_bytes)
+        try:
+            _check_header(st, req.model, posted)
+        except BaseException:
+            posted.unlink(missing_ok=True)
+            raise
+    else:
+        req = validate(TrainRequest, read_json())
+        _check_model(st, req.model)
+        stored = data_path(st.settings.model_dir, req.model)
+        if not inside(Path(st.settings.model_dir), stored):
+            raise not_found("training_data", f"model '{req.model}' has no training data: "
+                            "POST a CSV (Content-Type: text/csv) instead")
+    source = _train(st, req.model, req.epochs, posted)
+    response = Response(
+        streaming.finish(streaming.with_heartbeat(source, st.settings.heartbeat_seconds)),
+        mimetype="text/event-stream", headers=streaming.SSE_HEADERS,
+    )
+    if posted is not None:
+        # Also runs when the stream never started; the child has read the file by then.
+        response.call_on_close(lambda: posted.unlink(missing_ok=True))
+    return response
+
+
+def _train(st: ServerState, model: str, epochs: int, data: Path | None) -> Iterator[str]:
+    """The SSE events of one run. Runs outside the request context: takes ``st``, not state()."""
+    with contextlib.closing(train_events(st.settings.model_dir, model, epochs, data)) as events:
+        last: dict[str, Any] = {}
+        for message in events:
+            if "error" in message:
+                yield streaming.error_event(str(message["error"]),
+                                            code=message.get("code", "training_failed"))
+                return
+            if message.get("status") == "complete":
+                version = str(message["version"])
+                st.reloader.reload_everywhere()  # servable here now, in the siblings soon
+                st.events.publish("training_complete", {
+                    "model": model, "version": version, "epochs": epochs,
+                    "accuracy": last.get("accuracy")})
+                yield streaming.event({"status": "complete", "version": version})
+                return
+            last = message
+            yield streaming.event(message)
+
+
+def _query_payload() -> dict[str, object]:
+    """``?model=&epochs=`` as the JSON body would be (integers as ints, so strict mode checks)."""
+    payload: dict[str, object] = {k: v for k, v in request.args.items()
+                                  if k in ("model", "epochs")}
+    epochs = payload.get("epochs")
+    if isinstance(epochs, str) and INT_RE.match(epochs):
+        payload["epochs"] = int(epochs)
+    return payload
+
+
+def _check_model(st: ServerState, model: str) -> None:
+    g.model = model
+    if not is_valid_name(model):
+        raise not_found("model", f"unknown model '{model}'")
+    st.registry.get(model)
+
+
+def _spool_body(limit: int) -> Path:
+    """Copy the body to a temp file for the child, in constant memory, 413 past ``limit``."""
+    with tempfile.NamedTemporaryFile(prefix="train-", suffix=".csv", delete=False) as tmp:
+        path = Path(tmp.name)
+        try:
+            size = 0
+            while chunk := request.stream.read(1 << 16):
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, "body_too_large",
+                                   f"request body larger than {limit} bytes")
+                tmp.write(chunk)
+            if size == 0:
+                raise ApiError(400, "empty_body",
+                               "request body is empty: send a CSV with a header row")
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+    return path
+
+
+def _check_header(st: ServerState, model: str, path: Path) -> None:
+    """422 up front when the header lacks a feature of the latest version or ``target``."""
+    with path.open(newline="", errors="replace") as fh:
+        header = {h.strip() for h in next(csv.reader(fh), [])}
+    expected = list(st.registry.resolve(model).feature_names or []) + [TARGET]
+    missing = [n for n in expected if n not in header]
+    if missing:
+        raise validation_error(f"CSV header lacks column(s): {', '.join(missing)}",
+                               ["header"], f"missing {', '.join(missing)}")
