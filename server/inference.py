@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import sklearn
 
 from server import metrics
 from server.cache import NoCache, PredictionCache, row_keys
@@ -71,6 +72,12 @@ def _order_named(lv: LoadedVersion, row: dict[str, float], where: list[Any]) -> 
 
 
 def predict_matrix(lv: LoadedVersion, X: np.ndarray) -> list[dict[str, Any]]:
+    # Our own validation already refused NaN and infinity: skip sklearn's second check.
+    with sklearn.config_context(assume_finite=True):
+        return _predict_matrix(lv, X)
+
+
+def _predict_matrix(lv: LoadedVersion, X: np.ndarray) -> list[dict[str, Any]]:
     """Call the model once for all rows; one result dict per row.
 
     ``prediction`` is the estimator's own ``predict``; ``probabilities`` its ``predict_proba``;
@@ -81,7 +88,7 @@ def predict_matrix(lv: LoadedVersion, X: np.ndarray) -> list[dict[str, Any]]:
         return [{"prediction": p} for p in np.asarray(est.predict(X), dtype="<f8").tolist()]
     classes = lv.classes
     names = lv.class_names or [str(c) for c in classes]
-    proba = est.predict_proba(X) if lv.has_proba else None
+    proba = lv.proba(X) if lv.proba is not None else None
     if proba is not None and lv.predict_is_argmax_proba:
         idx = np.argmax(proba, axis=1).tolist()
         predicted = [classes[i] for i in idx]

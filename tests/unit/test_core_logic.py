@@ -136,3 +136,21 @@ def test_settings_read_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MAX_BATCH", "zero")
     with pytest.raises(ValidationError):
         Settings()
+
+
+@pytest.mark.parametrize("forest", ["random", "extra"])
+def test_forest_fast_path_gives_the_estimators_bits(forest: str) -> None:
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.ensemble import ExtraTreesClassifier
+
+    from server.registry import _proba_function
+
+    data = load_breast_cancer()
+    cls = RandomForestClassifier if forest == "random" else ExtraTreesClassifier
+    est = cls(n_estimators=30, random_state=0).fit(data.data, data.target)
+    fast = _proba_function(est)
+    rng = np.random.default_rng(0)
+    X = data.data[rng.integers(0, len(data.data), 500)] * rng.normal(1, 0.05, (500, 30))
+    assert np.array_equal(fast(X), est.predict_proba(X))
+    for i in range(20):
+        assert np.array_equal(fast(X[i : i + 1]), est.predict_proba(X[i : i + 1]))
