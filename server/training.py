@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Generator
@@ -261,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
+    # SIGTERM (the client went away) becomes SystemExit so the staging folder is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         if not 1 <= args.epochs <= 1000:
             raise TrainingError("epochs must be between 1 and 1000", "validation_error")
