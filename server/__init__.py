@@ -27,6 +27,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         models,
         predict,
         stream,
+        train,
         v1_tfserving,
         v2_oip,
         ws,
@@ -48,6 +49,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
 
     registry = ModelRegistry(ModelRepository(settings.model_dir))
+    # Created before the first scan so that it notes the reload signal as it was then.
+    reloader = Reloader(registry, settings.model_poll_seconds, settings.runtime_dir)
     registry.reload()
     for name, entry in registry.models.items():
         if entry.failed:
@@ -75,8 +78,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         if ab.reload(force=report.touched):
             events.publish("experiments_reloaded", {"experiments": sorted(ab.items)})
 
-    reloader = Reloader(registry, settings.model_poll_seconds, settings.runtime_dir,
-                        on_reload=after_reload)
+    reloader.on_reload = after_reload
+    reloader.acknowledge_start()
     def figures() -> dict[str, Any]:
         cache_status = cache.status()
         return {"cache": {"hits": cache_status.get("hits", 0),
@@ -96,7 +99,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     web.install(app)
     for blueprint in (health.bp, models.bp, predict.bp, experiments.bp, stream.bp, ws.bp,
-                      v2_oip.bp, v1_tfserving.bp, admin.bp):
+                      v2_oip.bp, v1_tfserving.bp, train.bp, admin.bp):
         app.register_blueprint(blueprint)
     reloader.start()
     live.start()

@@ -17,7 +17,7 @@ bp.before_request(require_admin)
 @bp.post("/model/reload")
 def reload() -> Response:
     st = state()
-    report = st.reloader.reload_everywhere()
+    report = st.reloader.reload_everywhere(wait=2.0)
     models = st.registry.models
     return json_response({
         "status": "reloaded", "pid": os.getpid(), **report.as_dict(),

@@ -79,7 +79,7 @@ def _train(st: ServerState, model: str, epochs: int, data: Path | None) -> Itera
                 return
             if message.get("status") == "complete":
                 version = str(message["version"])
-                st.reloader.reload_everywhere()  # servable here now, in the siblings soon
+                st.reloader.reload_everywhere(wait=2.0)  # servable in every worker now
                 st.events.publish("training_complete", {
                     "model": model, "version": version, "epochs": epochs,
                     "accuracy": last.get("accuracy")})
