@@ -30,6 +30,9 @@ preload_app = False
 timeout = int(os.environ.get("TIMEOUT", "30"))
 # SIGTERM: in-flight requests and streams get this long to finish.
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "30"))
+# After SIGTERM a worker keeps serving this long with /ready answering 503 (and closing
+# keep-alive connections), so a balancer stops sending before it stops accepting.
+drain_seconds = float(os.environ.get("DRAIN_SECONDS", "3"))
 # Idle keep-alive connections are closed after this many seconds.
 keepalive = int(os.environ.get("KEEPALIVE", "5"))
 
@@ -69,6 +72,27 @@ def on_starting(server):
     os.makedirs(prom, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = prom
     server.log.info("runtime dir %s", os.environ["RUNTIME_DIR"])
+
+
+def post_worker_init(worker):
+    """SIGTERM: drain first (/ready 503, connections closed after each answer), then let
+    gunicorn stop accepting and finish what is in flight within graceful_timeout."""
+    import signal
+
+    import gevent
+
+    state = worker.wsgi.extensions.get("model_server")
+    stop = worker.handle_exit
+
+    def on_term(sig, frame):
+        if state is not None:
+            state.draining = True
+        if drain_seconds > 0:
+            gevent.spawn_later(drain_seconds, stop, sig, frame)
+        else:
+            stop(sig, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
 
 
 def child_exit(server, worker):

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     stream_chunk_rows: int = Field(
         256, ge=1, description="Rows predicted per chunk of a stream (the worker yields between)."
     )
+    max_streams: int = Field(
+        500, ge=1, description="Most open SSE streams per worker (503 + Retry-After beyond)."
+    )
     heartbeat_seconds: float = Field(5.0, gt=0, description="SSE ': ping' interval while idle.")
     api_keys: str = Field("", description="Comma list of API keys; empty = model endpoints open.")
     admin_token: str = Field("", description="Admin bearer token; empty = admin endpoints 403.")

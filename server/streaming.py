@@ -98,26 +98,20 @@ def with_heartbeat(source: Iterable[str], interval: float) -> Iterator[str]:
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def prediction_events(
-    predict: Any, X: Any, chunk: int, on_rows: Any, on_end: Any
-) -> Iterator[str]:
+def prediction_events(predict: Any, X: Any, chunk: int, on_rows: Any) -> Iterator[str]:
     """One event per row and a ``progress`` event per chunk of ``chunk`` rows.
 
     ``predict(X_part)`` returns the per-row results. A chunk's events go out in one write;
     between chunks the worker yields to its other connections (``time.sleep(0)`` is
-    gevent's cooperative yield under the gevent worker). ``on_end(completed)`` runs however
-    the stream ends, a client that went away included.
+    gevent's cooperative yield under the gevent worker).
     """
     total = len(X)
     done = 0
-    try:
-        for start in range(0, total, chunk):
-            results = predict(X[start : start + chunk])
-            parts = [event({"index": start + i, **r}) for i, r in enumerate(results)]
-            done += len(results)
-            parts.append(event({"done": done, "total": total}, "progress"))
-            on_rows(len(results))
-            yield "".join(parts)
-            time.sleep(0)
-    finally:
-        on_end(done == total)
+    for start in range(0, total, chunk):
+        results = predict(X[start : start + chunk])
+        parts = [event({"index": start + i, **r}) for i, r in enumerate(results)]
+        done += len(results)
+        parts.append(event({"done": done, "total": total}, "progress"))
+        on_rows(len(results))
+        yield "".join(parts)
+        time.sleep(0)

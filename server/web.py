@@ -8,6 +8,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -17,7 +18,7 @@ from flask import Flask, Response, current_app, g, request
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
-from server import metrics
+from server import metrics, streaming
 from server.config import Settings
 from server.errors import ApiError, validation_error
 from server.events import EventLog
@@ -50,6 +51,16 @@ class ServerState:
     events: EventLog
     metrics: WorkerMetrics
     started: float
+    draining: bool = False  # SIGTERM received: /ready says 503 while requests finish
+
+    def stream_slot(self) -> None:
+        """Refuse a new stream when this worker already holds MAX_STREAMS of them."""
+        s = self.metrics.streams
+        active = s["started"] - s["completed"] - s["cancelled"]
+        if active >= self.settings.max_streams:
+            raise ApiError(503, "too_many_streams",
+                           f"this worker holds {active} streams (MAX_STREAMS); retry shortly",
+                           headers={"Retry-After": "1"})
 
 
 def state() -> ServerState:
@@ -107,6 +118,28 @@ def choose_target(
     version = path_version or body_version or request.args.get("version") or None
     g.model = name
     return name, version
+
+
+def counted(source: Iterator[str]) -> Iterator[str]:
+    """Count a stream in this worker's figures: started now, then completed or cancelled
+    (a client that went away closes the generator at its next write)."""
+    metrics = state().metrics
+    metrics.stream("started")
+
+    def run() -> Iterator[str]:
+        completed = False
+        try:
+            yield from source
+            completed = True
+        finally:
+            metrics.stream("completed" if completed else "cancelled")
+
+    return run()
+
+
+def sse(source: Iterator[str]) -> Response:
+    return Response(counted(streaming.finish(source)), mimetype="text/event-stream",
+                    headers=streaming.SSE_HEADERS)
 
 
 def _presented_token(*headers: str) -> str:
@@ -170,6 +203,8 @@ def install(app: Flask) -> None:
     @app.after_request
     def _finish(response: Response) -> Response:
         response.headers["X-Request-ID"] = request_id()
+        if state().draining:
+            response.headers["Connection"] = "close"  # let keep-alive clients move on
         latency = (time.perf_counter() - g.get("t0", time.perf_counter())) * 1000
         state().metrics.observe(latency, response.status_code)
         rule = request.url_rule.rule if request.url_rule is not None else None

@@ -91,7 +91,7 @@ class LiveServer(Process):
         full = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "API_KEYS"}}
         full.update({"BIND": f"127.0.0.1:{self.port}", "WORKERS": "2",
                      "MODEL_DIR": str(model_dir), "ADMIN_TOKEN": ADMIN_TOKEN,
-                     "RUNTIME_DIR": "", "PYTHONPATH": str(ROOT)})
+                     "RUNTIME_DIR": "", "PYTHONPATH": str(ROOT), "DRAIN_SECONDS": "0"})
         full.update(env)
         tmp.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),

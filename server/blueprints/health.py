@@ -24,12 +24,14 @@ def ready() -> Response:
     registry = state().registry
     servable = {n: sorted(e.versions, key=int) for n, e in registry.models.items() if e.versions}
     failed = [f"{n}/{v}" for n, e in registry.models.items() for v in e.failed]
-    ok = registry.loaded_once and bool(servable)
+    draining = state().draining
+    ok = registry.loaded_once and bool(servable) and not draining
     body = {"status": "ready" if ok else "not_ready", "models": servable, "failed": failed,
             "cache": state().dataplane.cache_status()["state"]}
     if not ok:
-        body["reason"] = "no servable model in the repository" if registry.loaded_once \
-            else "models are loading"
+        body["reason"] = ("shutting down: finishing requests in flight" if draining
+                          else "no servable model in the repository" if registry.loaded_once
+                          else "models are loading")
     return json_response(body, 200 if ok else 503)
 
 

@@ -16,17 +16,13 @@ from server.csvstream import feature_positions, open_csv, score_csv
 from server.errors import ApiError, validation_error
 from server.inference import to_matrix
 from server.schemas import BatchRequest
-from server.web import choose_target, read_json, require_api_key, state, validate
+from server.web import choose_target, counted, read_json, require_api_key, sse, state, validate
 
 bp = Blueprint("stream", __name__)
 bp.before_request(require_api_key)
+bp.before_request(lambda: state().stream_slot())
 
 SPOOL_MEMORY = 1 << 20  # a CSV body beyond 1 MB is spooled to disk, not kept in memory
-
-
-def sse(source: Iterator[str]) -> Response:
-    return Response(streaming.finish(source), mimetype="text/event-stream",
-                    headers=streaming.SSE_HEADERS)
 
 
 @bp.post("/predict/stream")
@@ -44,15 +40,9 @@ def predict_stream() -> Response:
     lv = st.registry.resolve(name, version)
     X = to_matrix(lv, req.instances, ["instances"])
     g.version = lv.version
-    metrics = st.metrics
-    metrics.stream("started")
-
-    def ended(completed: bool) -> None:
-        metrics.stream("completed" if completed else "cancelled")
-
     return sse(streaming.prediction_events(
         lambda part: st.dataplane.predict_resolved(lv, part, ["instances"]).results,
-        X, st.settings.stream_chunk_rows, lambda n: metrics.stream("rows", n), ended,
+        X, st.settings.stream_chunk_rows, lambda n: st.metrics.stream("rows", n),
     ))
 
 
@@ -83,7 +73,7 @@ def predict_csv() -> Response:
     chunks = score_csv(lv, body, predict, positions, header, reader)
     if "text/event-stream" in request.headers.get("Accept", ""):
         return sse(_csv_progress(chunks, body))
-    return Response(_closing(chunks, body), mimetype="text/csv",
+    return Response(counted(_closing(chunks, body)), mimetype="text/csv",
                     headers={"Content-Disposition": f'attachment; filename="{name}-scored.csv"'})
 
 

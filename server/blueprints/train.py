@@ -21,7 +21,7 @@ from server import streaming
 from server.errors import ApiError, not_found, validation_error
 from server.repository import inside, is_valid_name
 from server.training import TARGET, data_path, train_events
-from server.web import ServerState, read_json, require_admin, state, validate
+from server.web import ServerState, read_json, require_admin, sse, state, validate
 
 bp = Blueprint("train", __name__)
 bp.before_request(require_admin)
@@ -40,6 +40,7 @@ class TrainRequest(BaseModel):
 @bp.post("/train/stream")
 def train_stream() -> Response:
     st = state()
+    st.stream_slot()
     posted: Path | None = None
     if request.mimetype == "text/csv":
         req = validate(TrainRequest, _query_payload())
@@ -58,10 +59,7 @@ def train_stream() -> Response:
             raise not_found("training_data", f"model '{req.model}' has no training data: "
                             "POST a CSV (Content-Type: text/csv) instead")
     source = _train(st, req.model, req.epochs, posted)
-    response = Response(
-        streaming.finish(streaming.with_heartbeat(source, st.settings.heartbeat_seconds)),
-        mimetype="text/event-stream", headers=streaming.SSE_HEADERS,
-    )
+    response = sse(streaming.with_heartbeat(source, st.settings.heartbeat_seconds))
     if posted is not None:
         # Also runs when the stream never started; the child has read the file by then.
         response.call_on_close(lambda: posted.unlink(missing_ok=True))
