@@ -133,7 +133,23 @@ def _shadow_fields(ok: bool, agreed: bool) -> dict[str, float]:
     return {"shadow:requests": 1, "shadow:errors": 0 if ok else 1, "shadow:agreed": int(agreed)}
 
 
-class MemoryStats:
+class _Counting:
+    """What every stats backend counts; a backend only says how to add and read."""
+
+    def _add(self, experiment: str, fields: dict[str, float]) -> None:
+        raise NotImplementedError
+
+    def count_request(self, experiment: str, arm: str) -> None:
+        self._add(experiment, {f"{arm}:requests": 1})
+
+    def count_outcome(self, experiment: str, arm: str, value: float) -> None:
+        self._add(experiment, _outcome_fields(arm, value))
+
+    def count_shadow(self, experiment: str, ok: bool, agreed: bool) -> None:
+        self._add(experiment, _shadow_fields(ok, agreed))
+
+
+class MemoryStats(_Counting):
     """Per-process counts (said so in the answers)."""
 
     scope = "this worker"
@@ -148,21 +164,12 @@ class MemoryStats:
             for key, value in fields.items():
                 into[key] = into.get(key, 0) + value
 
-    def count_request(self, experiment: str, arm: str) -> None:
-        self._add(experiment, {f"{arm}:requests": 1})
-
-    def count_outcome(self, experiment: str, arm: str, value: float) -> None:
-        self._add(experiment, _outcome_fields(arm, value))
-
-    def count_shadow(self, experiment: str, ok: bool, agreed: bool) -> None:
-        self._add(experiment, _shadow_fields(ok, agreed))
-
     def read(self, experiment: str) -> dict[str, float]:
         with self._lock:
             return dict(self._data.get(experiment, {}))
 
 
-class RedisStats:
+class RedisStats(_Counting):
     """Counts in one Redis hash per experiment (``ab:<experiment>``), summed over every worker
     and host. A Redis fault loses those increments and is logged; it never fails a request."""
 
@@ -184,15 +191,6 @@ class RedisStats:
         except (redis.RedisError, OSError) as exc:
             self.errors += 1
             log.warning("experiment counts not written", extra={"err": str(exc)[:200]})
-
-    def count_request(self, experiment: str, arm: str) -> None:
-        self._add(experiment, {f"{arm}:requests": 1})
-
-    def count_outcome(self, experiment: str, arm: str, value: float) -> None:
-        self._add(experiment, _outcome_fields(arm, value))
-
-    def count_shadow(self, experiment: str, ok: bool, agreed: bool) -> None:
-        self._add(experiment, _shadow_fields(ok, agreed))
 
     def read(self, experiment: str) -> dict[str, float]:
         try:

@@ -104,6 +104,16 @@ def validate(schema: type[M], payload: Any) -> M:
         raise ApiError(422, "validation_error", f"{where}: {first['msg']}", details) from exc
 
 
+def read_rows(schema: type[M], limit: int) -> M:
+    """A body with ``instances``, refused with 413 beyond ``limit`` rows before validation."""
+    payload = read_json()
+    rows = payload.get("instances") if isinstance(payload, dict) else None
+    if isinstance(rows, list) and len(rows) > limit:
+        raise ApiError(413, "too_many_rows", f"{len(rows)} rows sent, at most {limit} allowed",
+                       [{"loc": ["instances"], "msg": f"at most {limit} rows"}])
+    return validate(schema, payload)
+
+
 def choose_target(
     path_model: str | None, body_model: str | None,
     path_version: str | None, body_version: str | None,

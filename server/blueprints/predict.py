@@ -6,13 +6,13 @@ from typing import Any
 
 from flask import Blueprint, Response, g
 
-from server.errors import ApiError
 from server.inference import Outcome
 from server.schemas import BatchRequest, PredictRequest
 from server.web import (
     choose_target,
     json_response,
     read_json,
+    read_rows,
     request_id,
     require_api_key,
     state,
@@ -48,13 +48,7 @@ def predict(model: str | None = None, version: str | None = None) -> Response:
 
 @bp.post("/predict/batch")
 def batch() -> Response:
-    payload = read_json()
-    limit = state().settings.max_batch
-    rows = payload.get("instances") if isinstance(payload, dict) else None
-    if isinstance(rows, list) and len(rows) > limit:
-        raise ApiError(413, "too_many_rows", f"{len(rows)} rows sent, at most {limit} allowed",
-                       [{"loc": ["instances"], "msg": f"at most {limit} rows"}])
-    req = validate(BatchRequest, payload)
+    req = read_rows(BatchRequest, state().settings.max_batch)
     name, chosen = choose_target(None, req.model, None, req.version)
     outcome = state().dataplane.predict(name, chosen, req.instances, ["instances"])
     _note(outcome)

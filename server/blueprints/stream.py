@@ -16,7 +16,7 @@ from server.csvstream import feature_positions, open_csv, score_csv
 from server.errors import ApiError, validation_error
 from server.inference import to_matrix
 from server.schemas import BatchRequest
-from server.web import choose_target, counted, read_json, require_api_key, sse, state, validate
+from server.web import choose_target, counted, read_rows, require_api_key, sse, state
 
 bp = Blueprint("stream", __name__)
 bp.before_request(require_api_key)
@@ -28,13 +28,7 @@ SPOOL_MEMORY = 1 << 20  # a CSV body beyond 1 MB is spooled to disk, not kept in
 @bp.post("/predict/stream")
 def predict_stream() -> Response:
     st = state()
-    payload = read_json()
-    limit = st.settings.stream_max_rows
-    rows = payload.get("instances") if isinstance(payload, dict) else None
-    if isinstance(rows, list) and len(rows) > limit:
-        raise ApiError(413, "too_many_rows", f"{len(rows)} rows sent, at most {limit} streamed",
-                       [{"loc": ["instances"], "msg": f"at most {limit} rows"}])
-    req = validate(BatchRequest, payload)
+    req = read_rows(BatchRequest, st.settings.stream_max_rows)
     name, version = choose_target(None, req.model, None, req.version)
     # Everything that can be wrong with the whole body is answered before the stream starts.
     lv = st.registry.resolve(name, version)
