@@ -22,6 +22,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from server import metrics, web
     from server.blueprints import (
         admin,
+        docs,
         experiments,
         health,
         models,
@@ -98,8 +99,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         started=time.time(),
     )
     web.install(app)
+    web.install_rate_limits(app, settings)
     for blueprint in (health.bp, models.bp, predict.bp, experiments.bp, stream.bp, ws.bp,
-                      v2_oip.bp, v1_tfserving.bp, train.bp, admin.bp):
+                      v2_oip.bp, v1_tfserving.bp, train.bp, admin.bp, docs.bp):
         app.register_blueprint(blueprint)
     reloader.start()
     live.start()

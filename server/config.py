@@ -37,6 +37,10 @@ class Settings(BaseSettings):
         500, ge=1, description="Most open SSE streams per worker (503 + Retry-After beyond)."
     )
     heartbeat_seconds: float = Field(5.0, gt=0, description="SSE ': ping' interval while idle.")
+    rate_limit: str = Field(
+        "", description="Per API key (or client address) limit, e.g. '100/second;5000/minute'; "
+        "empty = off. Counted in Redis when REDIS_URL is set (shared by workers and hosts)."
+    )
     api_keys: str = Field("", description="Comma list of API keys; empty = model endpoints open.")
     admin_token: str = Field("", description="Admin bearer token; empty = admin endpoints 403.")
     default_model: str = Field("", description="Model used by POST /predict when none is named.")

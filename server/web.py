@@ -3,6 +3,7 @@ and the one place where errors become JSON responses."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import re
@@ -190,6 +191,31 @@ def require_api_key() -> None:
                        headers={"WWW-Authenticate": "Bearer"})
 
 
+def client_key() -> str:
+    """Who a rate limit counts: the API key presented (hashed, never stored as is), else
+    the client address."""
+    presented = _presented_token("X-API-Key")
+    if presented:
+        return "key:" + hashlib.sha256(presented.encode()).hexdigest()[:16]
+    return "addr:" + (request.remote_addr or "unknown")
+
+
+def install_rate_limits(app: Flask, settings: Settings) -> None:
+    if not settings.rate_limit:
+        return
+    from flask_limiter import Limiter
+
+    open_paths = {"/health", "/ready", "/metrics"}
+    Limiter(
+        client_key, app=app, default_limits=[settings.rate_limit],
+        storage_uri=settings.redis_url or "memory://",
+        storage_options={"socket_timeout": settings.redis_timeout,  # type: ignore[dict-item]
+                         "socket_connect_timeout": settings.redis_timeout},  # type: ignore[dict-item]
+        headers_enabled=True, swallow_errors=True,  # Redis down: serve, don't 500
+        default_limits_exempt_when=lambda: request.path in open_paths,
+    )
+
+
 def _error_response(err: ApiError) -> Response:
     body = err.body()
     body["request_id"] = request_id()
@@ -239,7 +265,7 @@ def install(app: Flask) -> None:
         message = exc.description or exc.name
         if status == 413:
             message = f"request body larger than {state().settings.max_body_bytes} bytes"
-        headers = dict(exc.get_headers()) if status == 405 else {}
+        headers = dict(exc.get_headers()) if status in (405, 429) else {}
         headers.pop("Content-Type", None)
         return _error_response(ApiError(status, HTTP_CODES.get(status, "http_error"),
                                         message, headers=headers))

@@ -1,0 +1,41 @@
+"""Rate limits per API key, counted in Redis so every worker shares them; 429 is JSON with
+Retry-After; health stays open; Redis down never turns a limit into a 500."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import LiveServer, RedisServer
+
+ROW = [5.1, 3.5, 1.4, 0.2]
+
+
+def test_limit_is_shared_by_workers_and_per_key(
+    server_factory: Callable[..., LiveServer], model_repo: Path, redis_server: RedisServer
+) -> None:
+    server = server_factory(model_repo, REDIS_URL=redis_server.url, RATE_LIMIT="10/minute",
+                            API_KEYS="alpha,beta")
+    alpha = Counter(server.fresh("POST", "/predict/iris", json=ROW,
+                                 headers={"X-API-Key": "alpha"}).status_code for _ in range(25))
+    assert alpha == Counter({200: 10, 429: 15})  # exact, though both workers answered
+    beta = server.fresh("POST", "/predict/iris", json=ROW, headers={"X-API-Key": "beta"})
+    assert beta.status_code == 200
+    refused = server.fresh("POST", "/predict/iris", json=ROW, headers={"X-API-Key": "alpha"})
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) > 0
+    body = refused.json()
+    assert body["code"] == "rate_limited" and body["request_id"]
+    assert server.get("/health").status_code == 200 and server.get("/ready").status_code == 200
+    keys = [str(k) for k in redis_server.client().keys("*LIMIT*")]
+    assert keys and not any("alpha" in k for k in keys)  # keys are hashed, never stored
+
+
+def test_redis_down_serves_without_limits(
+    server_factory: Callable[..., LiveServer], model_repo: Path, redis_server: RedisServer
+) -> None:
+    url = redis_server.url
+    redis_server.stop()
+    server = server_factory(model_repo, REDIS_URL=url, RATE_LIMIT="2/minute", WORKERS="1")
+    codes = Counter(server.post("/predict/iris", json=ROW).status_code for _ in range(5))
+    assert 500 not in codes and codes[200] >= 2
