@@ -74,6 +74,17 @@ def on_starting(server):
     server.log.info("runtime dir %s", os.environ["RUNTIME_DIR"])
 
 
+def pre_request(worker, req):
+    """Yield to the other greenlets before each request. A gevent socket only switches when
+    a read would block: under load the next request of a keep-alive connection is usually
+    already there, so one greenlet could serve its connection over and over while the others
+    wait (measured: p50 1 ms, p99 2-3 s at 64 connections). One switch per request keeps the
+    connections taking turns."""
+    import gevent
+
+    gevent.sleep(0)
+
+
 def post_worker_init(worker):
     """SIGTERM: drain first (/ready 503, connections closed after each answer), then let
     gunicorn stop accepting and finish what is in flight within graceful_timeout."""
