@@ -85,10 +85,14 @@ def _predict_matrix(lv: LoadedVersion, X: np.ndarray) -> list[dict[str, Any]]:
     """
     est = lv.estimator
     if lv.task != "classification" or lv.classes is None:
-        return [{"prediction": p} for p in np.asarray(est.predict(X), dtype="<f8").tolist()]
+        values = np.asarray(est.predict(X), dtype="<f8")
+        _finite(values)
+        return [{"prediction": p} for p in values.tolist()]
     classes = lv.classes
     names = lv.class_names or [str(c) for c in classes]
     proba = lv.proba(X) if lv.proba is not None else None
+    if proba is not None:
+        _finite(proba)
     if proba is not None and lv.predict_is_argmax_proba:
         idx = np.argmax(proba, axis=1).tolist()
         predicted = [classes[i] for i in idx]
@@ -104,6 +108,13 @@ def _predict_matrix(lv: LoadedVersion, X: np.ndarray) -> list[dict[str, Any]]:
          "probabilities": dict(zip(names, r))}
         for p, i, c, r in zip(predicted, idx, confidence, proba.tolist())
     ]
+
+
+def _finite(values: np.ndarray) -> None:
+    """Finite inputs can still overflow inside a model (1e308 * weight): never answer null."""
+    if not np.isfinite(values).all():
+        raise ValueError("the model's output is NaN or infinite for these inputs "
+                         "(values out of the range it was trained on?)")
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Request bodies as pydantic models: strict numbers, finite only, no unknown fields."""
+"""Request bodies as pydantic models: strict numbers, finite only, no unknown fields; and the
+answers as response models, which document the API (``server.openapi``) but serialize nothing."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def _version(value: Any) -> Any:
     raise ValueError("version must be a string or an integer")
 
 
-Version = Annotated[Optional[str], BeforeValidator(_version)]
+# ``json_schema_input_type`` only tells the OpenAPI document what is accepted; it validates nothing.
+Version = Annotated[Optional[str],
+                    BeforeValidator(_version, json_schema_input_type=Optional[Union[str, int]])]
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -62,7 +65,8 @@ def _user_id(value: Any) -> Any:
     raise ValueError("user_id must be a non-empty string or an integer")
 
 
-UserId = Annotated[str, BeforeValidator(_user_id), Field(max_length=256)]
+UserId = Annotated[str, BeforeValidator(_user_id, json_schema_input_type=Union[str, int]),
+                   Field(max_length=256)]
 
 
 class ABRequest(BaseModel):
@@ -79,7 +83,8 @@ class OutcomeRequest(BaseModel):
 
     model_config = _STRICT
     user_id: UserId
-    value: float
+    # Bounded so that sums of squares stay finite: one 1e308 would spoil the stats for good.
+    value: float = Field(ge=-1e12, le=1e12)
 
 
 BareRow = TypeAdapter(Row, config=_STRICT)
@@ -92,3 +97,211 @@ def error_details(errors: list[Any]) -> list[dict[str, Any]]:
          "msg": e["msg"].removeprefix("Value error, ")}
         for e in errors
     ]
+
+
+# --- Answers ------------------------------------------------------------------------------
+# These document what the server sends (``server.openapi`` turns them into the OpenAPI
+# components); the views build plain dicts. They stay open to extra keys so that a new field
+# in an answer is not a breaking change for a client validating against the document.
+
+Prediction = Annotated[
+    Union[float, str, bool],
+    Field(description="The estimator's own prediction: a class (as the model stores it, e.g. 0) "
+                      "for classifiers, a float for regressors."),
+]
+
+
+class ErrorDetail(BaseModel):
+    """Where a validation error is: a path into the body (keys and list indexes) and why."""
+
+    loc: list[Union[str, int]] = Field(description="Path into the body, e.g. ['features', 1].")
+    msg: str = Field(description="What is wrong there.")
+
+
+class ErrorResponse(BaseModel):
+    """Every error, whatever the status."""
+
+    error: str = Field(description="A message for a person.")
+    code: str = Field(description="A machine code, e.g. validation_error, model_not_found.")
+    request_id: str = Field(description="The request's id, also in the X-Request-ID header.")
+    details: Optional[list[ErrorDetail]] = Field(
+        None, description="Validation errors (422, 413 too many rows), one per field.")
+
+
+class RowResult(BaseModel):
+    """One row's answer. Classifiers add label (and, with predict_proba, confidence and
+    probabilities); regressors answer the prediction alone."""
+
+    prediction: Prediction
+    label: Optional[str] = Field(None, description="Class name of the prediction.")
+    confidence: Optional[float] = Field(None, description="Probability of the predicted class.")
+    probabilities: Optional[dict[str, float]] = Field(
+        None, description="Probability per class name.")
+
+
+class PredictResponse(RowResult):
+    """One prediction. ``X-Cache: HIT|MISS`` tells whether it came from the cache."""
+
+    model: str
+    version: str = Field(description="The version that answered, always a string.")
+    cached: bool = Field(description="Served from the prediction cache.")
+    request_id: str
+
+
+class ABResponse(PredictResponse):
+    """A prediction through an experiment, with the arm the user landed in."""
+
+    experiment: str
+    arm: str = Field(description="The arm's name; the same user always gets the same arm.")
+
+
+class BatchResponse(BaseModel):
+    """Predictions for every row, in the order sent; classifier-only columns as in predict."""
+
+    model: str
+    version: str
+    count: int = Field(ge=1)
+    predictions: list[Prediction]
+    labels: Optional[list[str]] = None
+    confidences: Optional[list[float]] = None
+    probabilities: Optional[list[dict[str, float]]] = None
+    cached: int = Field(ge=0, description="How many rows were served from the cache.")
+    request_id: str
+
+
+class HealthResponse(BaseModel):
+    """Liveness: the process answers (no I/O behind it)."""
+
+    status: str = Field(description="Always 'ok'.")
+
+
+class ReadyResponse(BaseModel):
+    """Readiness: 200 once every model is loaded, 503 (same shape, with a reason) before."""
+
+    status: str = Field(description="'ready' or 'not_ready'.")
+    models: dict[str, list[str]] = Field(description="Servable versions per model.")
+    failed: list[str] = Field(description="'model/version' artifacts that failed to load.")
+    cache: str = Field(description="Cache state: ok, off, degraded...")
+    reason: Optional[str] = Field(None, description="Why not ready.")
+
+
+class CacheStatus(BaseModel):
+    """The prediction cache as this worker sees it."""
+
+    enabled: bool
+    backend: str = Field(description="off, memory or redis.")
+    state: str
+    hits: int
+    misses: int
+    hit_ratio: Optional[float]
+
+
+class ModelStatus(BaseModel):
+    latest: Optional[str]
+    labels: dict[str, str]
+    versions: list[str]
+    failed: list[str]
+
+
+class StatusResponse(BaseModel):
+    """What this worker serves and has served."""
+
+    status: str
+    pid: int
+    uptime_seconds: float
+    predictions_served: int
+    rss_mb: Optional[float] = None
+    streams: dict[str, int] = Field(description="Streams started, completed, cancelled; rows.")
+    scope: str = Field(description="Whose figures these are: 'this worker'.")
+    models: dict[str, ModelStatus]
+    last_reload: Optional[float] = Field(description="Unix time of the last repository scan.")
+    cache: CacheStatus
+
+
+class VersionInfo(BaseModel):
+    """One version of a model: loaded (AVAILABLE) or not (FAILED, with the error)."""
+
+    version: str
+    state: str = Field(description="AVAILABLE or FAILED.")
+    error: Optional[str] = None
+    sha256: Optional[str] = Field(None, description="The artifact's sha256 (hex).")
+    task: Optional[str] = Field(None, description="classification or regression.")
+    estimator: Optional[str] = Field(None, description="The estimator's class name.")
+    n_features: Optional[int] = None
+    feature_names: Optional[list[str]] = None
+    loaded_at: Optional[float] = None
+    classes: Optional[list[Union[float, str, bool]]] = None
+    class_names: Optional[list[str]] = None
+    description: Optional[str] = None
+    metrics: Optional[dict[str, Any]] = None
+
+
+class ModelInfo(BaseModel):
+    """A model: its versions, the labels that name them, and the highest (``latest``)."""
+
+    name: str
+    latest: Optional[str]
+    labels: dict[str, str] = Field(description="Label -> version, e.g. stable -> '1'.")
+    versions: list[VersionInfo]
+    problems: list[str] = Field(description="What is wrong with the model's folder, if anything.")
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+
+
+class ArmView(BaseModel):
+    """An arm: its version and weight, then requests and outcomes summed over the workers."""
+
+    version: str
+    weight: int
+    requests: Optional[int] = None
+    outcomes: Optional[int] = None
+    rate: Optional[float] = Field(None, description="Outcome rate (0/1 outcomes).")
+    successes: Optional[int] = None
+    mean: Optional[float] = Field(None, description="Mean outcome (numeric outcomes).")
+    vs: Optional[str] = Field(None, description="The control arm this one is tested against.")
+    p_value: Optional[float] = None
+
+
+class ExperimentView(BaseModel):
+    """An experiment with its per-arm figures and the test against the control arm."""
+
+    name: str
+    model: str
+    valid: bool
+    arms: dict[str, ArmView]
+    error: Optional[str] = None
+    counts_scope: Optional[str] = None
+    outcome_type: Optional[str] = Field(None, description="binary or numeric.")
+    test: Optional[str] = Field(None, description="two_proportion_z or welch_t.")
+    shadow: Optional[dict[str, Any]] = None
+
+
+class ExperimentsResponse(BaseModel):
+    experiments: list[ExperimentView]
+    counts_scope: str
+    file_error: Optional[str] = Field(description="Why experiments.json could not be read.")
+
+
+class OutcomeResponse(BaseModel):
+    """The outcome as recorded, against the user's arm."""
+
+    experiment: str
+    user_id: str
+    arm: str
+    value: float
+    recorded: bool
+    request_id: str
+
+
+class ReloadResponse(BaseModel):
+    """What a repository rescan changed, as 'model/version' keys, and what is now served."""
+
+    status: str
+    pid: int
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+    failed: list[str]
+    models: dict[str, list[str]]

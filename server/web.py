@@ -84,6 +84,10 @@ def read_json() -> Any:
         raise ApiError(415, "unsupported_media_type",
                        f"expected application/json, got {mimetype}")
     body = request.get_data(cache=False)
+    limit = state().settings.max_body_bytes
+    if request.content_length is None and len(body) >= limit:
+        # A chunked body is cut at the limit rather than refused: refuse it ourselves.
+        raise ApiError(413, "body_too_large", f"request body larger than {limit} bytes")
     if not body.strip():
         raise ApiError(400, "empty_body", "request body is empty: send a JSON object")
     try:

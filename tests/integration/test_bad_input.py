@@ -146,3 +146,21 @@ def test_unsafe_request_id_is_replaced(live_server: LiveServer) -> None:
     resp = live_server.post("/predict", json=GOOD, headers={"X-Request-ID": "a b\tc"})
     assert resp.headers["X-Request-ID"] != "a b\tc"
     assert len(resp.headers["X-Request-ID"]) == 32
+
+
+def test_chunked_body_over_the_limit_is_413_not_cut(live_server: LiveServer) -> None:
+    body = ('{"model":"iris","instances":[' + ",".join(["[1.00000001,2,3,4]"] * 4000)
+            + "]}").encode()
+    chunks = (body[i : i + 8192] for i in range(0, len(body), 8192))  # no Content-Length
+    resp = live_server.post("/predict/batch", data=chunks,
+                            headers={"Content-Type": "application/json"})
+    assert resp.status_code == 413 and resp.json()["code"] == "body_too_large"
+
+
+@pytest.mark.parametrize("value", [1e308, -1e13, float("inf")])
+def test_outcome_values_are_bounded(live_server: LiveServer, value: float) -> None:
+    resp = live_server.post("/experiments/iris-ab/outcome",
+                            data=f'{{"user_id": "u", "value": {value!r}}}'.replace("inf",
+                                                                               "Infinity"),
+                            headers={"Content-Type": "application/json"})
+    assert resp.status_code == 422 and resp.json()["details"][0]["loc"] == ["value"]
