@@ -100,6 +100,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     web.install(app)
     web.install_rate_limits(app, settings)
+    web.install_cors(app, settings)
     for blueprint in (health.bp, models.bp, predict.bp, experiments.bp, stream.bp, ws.bp,
                       v2_oip.bp, v1_tfserving.bp, train.bp, admin.bp, docs.bp):
         app.register_blueprint(blueprint)

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
         "", description="Per API key (or client address) limit, e.g. '100/second;5000/minute'; "
         "empty = off. Counted in Redis when REDIS_URL is set (shared by workers and hosts)."
     )
+    cors_origins: str = Field(
+        "", description="Comma list of origins allowed by CORS ('*' for any); empty = CORS off."
+    )
+    metrics_key: str = Field("", description="When set, GET /metrics needs it as X-API-Key.")
     api_keys: str = Field("", description="Comma list of API keys; empty = model endpoints open.")
     admin_token: str = Field("", description="Admin bearer token; empty = admin endpoints 403.")
     default_model: str = Field("", description="Model used by POST /predict when none is named.")

@@ -204,6 +204,23 @@ def client_key() -> str:
     return "addr:" + (request.remote_addr or "unknown")
 
 
+def install_cors(app: Flask, settings: Settings) -> None:
+    """Cross-origin browsers only when configured (off by default)."""
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        from flask_cors import CORS
+
+        CORS(app, origins=origins, expose_headers=["X-Request-ID", "X-Cache", "Retry-After"],
+             allow_headers=["Content-Type", "Authorization", "X-API-Key", "X-Request-ID"])
+
+
+def require_metrics_key() -> None:
+    key = state().settings.metrics_key
+    if key and not _matches(_presented_token("X-API-Key"), [key]):
+        raise ApiError(401, "unauthorized", "metrics key missing or wrong",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
 def install_rate_limits(app: Flask, settings: Settings) -> None:
     if not settings.rate_limit:
         return

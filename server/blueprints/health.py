@@ -9,7 +9,7 @@ from flask import Blueprint, Response
 
 from server import metrics
 from server.monitor import resident_mb
-from server.web import json_response, state
+from server.web import json_response, require_metrics_key, state
 
 bp = Blueprint("health", __name__)
 
@@ -38,6 +38,7 @@ def ready() -> Response:
 @bp.get("/metrics")
 def prometheus() -> Response:
     """Prometheus text, summed over every worker of this server."""
+    require_metrics_key()
     return Response(metrics.exposition(), content_type=metrics.CONTENT_TYPE)
 
 

@@ -51,3 +51,22 @@ def test_metrics_are_summed_over_workers(server_factory: Callable[..., LiveServe
     assert sample(text, "batch_rows_count") == 41
     assert sample(text, "http_request_duration_seconds_count", route="/predict/batch") == 1
     assert "http_requests_in_flight" in text
+
+
+def test_metrics_key_and_cors_are_opt_in(server_factory: Callable[..., LiveServer],
+                                         model_repo: Path) -> None:
+    server = server_factory(model_repo, WORKERS="1", METRICS_KEY="scrape",
+                            CORS_ORIGINS="https://dash.example")
+    assert server.get("/metrics").status_code == 401
+    assert server.get("/metrics", headers={"X-API-Key": "scrape"}).status_code == 200
+    pre = server.request("OPTIONS", "/predict/iris", headers={
+        "Origin": "https://dash.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "Content-Type"})
+    assert pre.headers["Access-Control-Allow-Origin"] == "https://dash.example"
+    other = server.post("/predict/iris", json=[5.1, 3.5, 1.4, 0.2],
+                        headers={"Origin": "https://evil.example"})
+    assert other.status_code == 200 and "Access-Control-Allow-Origin" not in other.headers
+    plain = server_factory(model_repo, WORKERS="1")
+    resp = plain.post("/predict/iris", json=[5.1, 3.5, 1.4, 0.2],
+                      headers={"Origin": "https://dash.example"})
+    assert "Access-Control-Allow-Origin" not in resp.headers  # off by default
