@@ -90,10 +90,17 @@ def _predict_matrix(lv: LoadedVersion, X: np.ndarray) -> list[dict[str, Any]]:
         return [{"prediction": p} for p in values.tolist()]
     classes = lv.classes
     names = lv.class_names or [str(c) for c in classes]
-    proba = lv.proba(X) if lv.proba is not None else None
+    proba: np.ndarray | None
+    if lv.scores is not None:
+        indices, proba = lv.scores(X)
+    else:
+        proba = lv.proba(X) if lv.proba is not None else None
     if proba is not None:
         _finite(proba)
-    if proba is not None and lv.predict_is_argmax_proba:
+    if lv.scores is not None:
+        idx = indices.tolist()
+        predicted = [classes[i] for i in idx]
+    elif proba is not None and lv.predict_is_argmax_proba:
         idx = np.argmax(proba, axis=1).tolist()
         predicted = [classes[i] for i in idx]
     else:

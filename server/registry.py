@@ -40,6 +40,9 @@ class LoadedVersion:
     has_proba: bool
     predict_is_argmax_proba: bool  # predict() is argmax of predict_proba(): call the model once
     proba: Callable[[np.ndarray], np.ndarray] | None  # predict_proba, or its fast equivalent
+    # (class indices, probabilities) from one model call, where that gives predict's and
+    # predict_proba's exact answers (multiclass logistic regression); else None
+    scores: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None
     metadata: dict[str, Any]
     loaded_at: float
 
@@ -149,6 +152,7 @@ def build_version(found: VersionOnDisk, estimator: Any, sha256: str) -> LoadedVe
         predict_is_argmax_proba=classifier and _predicts_by_argmax(estimator),
         proba=_proba_function(estimator) if classifier and hasattr(estimator, "predict_proba")
         else None,
+        scores=_scores_function(estimator, n_features) if classifier else None,
         metadata=meta,
         loaded_at=time.time(),
     )
@@ -177,6 +181,36 @@ def _proba_function(estimator: Any) -> Callable[[np.ndarray], np.ndarray]:
         return out
 
     return forest_proba
+
+
+def _scores_function(
+    estimator: Any, n_features: int | None
+) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
+    """For multiclass LogisticRegression (alone or last in a Pipeline): ``predict`` is the
+    argmax of ``decision_function`` and ``predict_proba`` its softmax, so one decision gives
+    both, saving a second input validation and matrix product per call. Used only when it
+    answers exactly like the estimator on probe rows at load."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.utils.extmath import softmax
+
+    final = estimator[-1] if isinstance(estimator, Pipeline) else estimator
+    if type(final) is not LogisticRegression or len(final.classes_) <= 2 or not n_features:
+        return None
+    head = estimator[:-1] if isinstance(estimator, Pipeline) else None
+
+    def scores(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d = final.decision_function(head.transform(X) if head is not None else X)
+        return np.argmax(d, axis=1), softmax(d, copy=False)
+
+    rng = np.random.default_rng(0)
+    for probe in (rng.normal(0, 3, (64, n_features)), rng.normal(0, 3, (1, n_features))):
+        idx, proba = scores(probe)
+        if not (np.array_equal(final.classes_[idx], estimator.predict(probe))
+                and np.array_equal(proba, estimator.predict_proba(probe))):
+            log.warning("one-call scoring disagrees with the estimator; not used")
+            return None
+    return scores
 
 
 def _predicts_by_argmax(estimator: Any) -> bool:

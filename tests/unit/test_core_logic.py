@@ -154,3 +154,26 @@ def test_forest_fast_path_gives_the_estimators_bits(forest: str) -> None:
     assert np.array_equal(fast(X), est.predict_proba(X))
     for i in range(20):
         assert np.array_equal(fast(X[i : i + 1]), est.predict_proba(X[i : i + 1]))
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_one_call_logistic_scores_match_predict_and_predict_proba(scaled: bool) -> None:
+    from sklearn.datasets import load_wine
+    from sklearn.linear_model import LogisticRegression
+
+    from server.registry import _scores_function
+
+    data = load_wine()
+    est = LogisticRegression(max_iter=5000)
+    if scaled:
+        est = make_pipeline(StandardScaler(), est)
+    est.fit(data.data, data.target)
+    scores = _scores_function(est, 13)
+    assert scores is not None
+    rng = np.random.default_rng(1)
+    X = data.data[rng.integers(0, len(data.data), 300)] * rng.normal(1, 0.1, (300, 13))
+    idx, proba = scores(X)
+    assert np.array_equal(idx, est.predict(X)) and np.array_equal(proba, est.predict_proba(X))
+    for i in range(10):
+        idx, proba = scores(X[i : i + 1])
+        assert np.array_equal(proba, est.predict_proba(X[i : i + 1]))
