@@ -73,7 +73,8 @@ def _order_named(lv: LoadedVersion, row: dict[str, float], where: list[Any]) -> 
 
 def predict_matrix(lv: LoadedVersion, X: np.ndarray) -> list[dict[str, Any]]:
     # Our own validation already refused NaN and infinity: skip sklearn's second check.
-    with sklearn.config_context(assume_finite=True):
+    # Overflow inside the model is caught by _finite below, so numpy need not warn about it.
+    with sklearn.config_context(assume_finite=True), np.errstate(all="ignore"):
         return _predict_matrix(lv, X)
 
 

@@ -36,3 +36,5 @@ def configure_logging(level: str) -> None:
         handler.setFormatter(JsonFormatter())
         root.addHandler(handler)
     root.setLevel(level.upper())
+    # Python warnings become JSON log records too, never bare text lines on stderr.
+    logging.captureWarnings(True)
