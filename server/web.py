@@ -237,6 +237,17 @@ def install_rate_limits(app: Flask, settings: Settings) -> None:
     )
 
 
+def as_api_error(exc: HTTPException) -> ApiError:
+    """A werkzeug/Flask HTTP error (404, 405, 413, 429...) as our ApiError."""
+    status = exc.code or 500
+    message = exc.description or exc.name
+    if status == 413:
+        message = f"request body larger than {state().settings.max_body_bytes} bytes"
+    headers = dict(exc.get_headers()) if status in (405, 429) else {}
+    headers.pop("Content-Type", None)
+    return ApiError(status, HTTP_CODES.get(status, "http_error"), message, headers=headers)
+
+
 def _error_response(err: ApiError) -> Response:
     body = err.body()
     body["request_id"] = request_id()
@@ -282,14 +293,7 @@ def install(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
-        status = exc.code or 500
-        message = exc.description or exc.name
-        if status == 413:
-            message = f"request body larger than {state().settings.max_body_bytes} bytes"
-        headers = dict(exc.get_headers()) if status in (405, 429) else {}
-        headers.pop("Content-Type", None)
-        return _error_response(ApiError(status, HTTP_CODES.get(status, "http_error"),
-                                        message, headers=headers))
+        return _error_response(as_api_error(exc))
 
     @app.errorhandler(Exception)
     def _crash(exc: Exception) -> Response:

@@ -25,7 +25,7 @@ from werkzeug.exceptions import HTTPException
 from server import tfserving as tf
 from server.errors import ApiError, not_found
 from server.registry import LoadedVersion
-from server.web import json_response, request_id, require_api_key, state
+from server.web import as_api_error, json_response, request_id, require_api_key, state
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,7 @@ def _api_error(err: ApiError) -> Response:
 
 @bp.errorhandler(HTTPException)
 def _http_error(exc: HTTPException) -> Response:
-    status = exc.code or 500
-    message = exc.description or exc.name
-    if status == 413:
-        message = f"request body larger than {state().settings.max_body_bytes} bytes"
-    return json_response({"error": message}, status)
+    return _api_error(as_api_error(exc))
 
 
 @bp.errorhandler(Exception)
