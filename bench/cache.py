@@ -47,12 +47,15 @@ from bench.core import (
     _terminate,
     free_port,
     iris_like_rows,
+    load_parser,
     lua_script,
     machine,
     ms,
+    parsed,
     post,
     progress,
     run_wrk,
+    stop_process,
 )
 from server.demo import write_demo
 
@@ -213,15 +216,8 @@ class RedisServer:
                 "used_memory": int(info["used_memory"])}
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc, timeout)
         self.proc = None
 
     def log_tail(self, chars: int = 2000) -> str:
@@ -376,26 +372,10 @@ def as_json(measurements: list[CacheMeasurement], settings: dict[str, Any],
 
 # --- Main -----------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.cache", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk round [5]")
-    parser.add_argument("--connections", default="8,64",
-                        help="comma list of wrk connection counts [8,64]")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="rounds per measurement; the best is kept [2]")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="seconds of unrecorded load per target before measuring, and of "
-                             "cache warming before every hit round (at least 1) [1]")
-    parser.add_argument("--timeout", type=int, default=10, help="wrk request timeout, s [10]")
-    args = parser.parse_args(argv)
-    try:
-        args.connections = [int(c) for c in args.connections.split(",") if c.strip()]
-    except ValueError:
-        parser.error("--connections takes a comma list of integers, e.g. 8,64")
-    if not args.connections or min(args.connections) < 1 or args.duration < 1 \
-            or args.rounds < 1 or args.warmup < 0:
-        parser.error("connections, duration and rounds must be positive")
-    return args
+    return parsed(load_parser(
+        "python -m bench.cache", __doc__, 5,
+        "seconds of unrecorded load per target before measuring, and of cache warming "
+        "before every hit round (at least 1) [1]"), argv)
 
 
 def main(argv: list[str] | None = None) -> int:

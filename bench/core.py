@@ -14,6 +14,7 @@ a fraction of the bare ceiling, and batch rows/s as a fraction of the model's ow
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import re
@@ -26,7 +27,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -285,15 +286,8 @@ class Server:
         raise RuntimeError(f"{self.name} server did not come up:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc, timeout)
         self.proc = None
 
     def log_tail(self, chars: int = 4000) -> str:
@@ -405,19 +399,27 @@ def machine() -> dict[str, Any]:
 
 
 # --- Main -----------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.core", description=__doc__,
+def load_parser(prog: str, doc: str | None, duration: int,
+                warmup_help: str = "seconds of unrecorded load per target before measuring [1]"
+                ) -> argparse.ArgumentParser:
+    """The wrk options every load benchmark takes."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk round [10]")
+    parser.add_argument("--duration", type=int, default=duration,
+                        help=f"seconds per wrk round [{duration}]")
     parser.add_argument("--connections", default="8,64",
                         help="comma list of wrk connection counts [8,64]")
     parser.add_argument("--rounds", type=int, default=2,
                         help="rounds per measurement; the best is kept [2]")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="seconds of unrecorded load per target before measuring [1]")
+    parser.add_argument("--warmup", type=int, default=1, help=warmup_help)
     parser.add_argument("--timeout", type=int, default=10,
                         help="wrk request timeout in seconds [10]; wrk's default of 2 s would "
                              "count queued 1000-row batches at 64 connections as errors")
+    return parser
+
+
+def parsed(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, turn --connections into a list of ints, and check the numbers."""
     args = parser.parse_args(argv)
     try:
         args.connections = [int(c) for c in args.connections.split(",") if c.strip()]
@@ -427,6 +429,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             or args.rounds < 1 or args.warmup < 0:
         parser.error("connections, duration and rounds must be positive")
     return args
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return parsed(load_parser("python -m bench.core", __doc__, 10), argv)
+
+
+@contextlib.contextmanager
+def demo_server(prefix: str, **env: str) -> Iterator[Server]:
+    """Our server over a fresh demo repository in a temp dir, up and ready, stopped after."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = Path(tmp)
+        write_demo(work / "models")
+        server = Server("ours", "wsgi:app", work, {"MODEL_DIR": str(work / "models"), **env})
+        server.start()
+        try:
+            server.wait_until_up(urllib.request.Request(server.url + "/ready"))
+            yield server
+        finally:
+            server.stop()
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM by PID, then SIGKILL if it lingers."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
 
 
 def progress(message: str) -> None:

@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import orjson
 import requests
 
-from bench.core import Server, iris_like_rows
-from server.demo import write_demo
+from bench.core import demo_server, iris_like_rows
 
 ROWS = 1000
 
@@ -71,34 +67,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-protocols-") as tmp:
-        work = Path(tmp)
-        write_demo(work / "models")
-        server = Server("ours", "wsgi:app", work, {"MODEL_DIR": str(work / "models"),
-                                                   "CACHE": "off"})
-        server.start()
-        try:
-            server.wait_until_up(urllib.request.Request(server.url + "/ready"))
-            print(f"1000-row batches, {args.requests} requests x best of {args.rounds}, "
-                  "4 client threads, cache off")
-            print(f"{'model':<10}{'mode':<14}{'rows/s':>12}{'vs native':>11}")
-            for version, label in (("1", "v1 LR"), ("2", "v2 RF100")):
-                per_mode = bodies(version, 8)
-                urls: dict[str, str] = {
-                    "native JSON": server.url + "/predict/batch",
-                    "V2 JSON": f"{server.url}/v2/models/iris/versions/{version}/infer",
-                    "V2 binary": f"{server.url}/v2/models/iris/versions/{version}/infer",
-                }
-                best: dict[str, float] = {m: 0.0 for m in per_mode}
-                for _ in range(args.rounds):  # interleaved rounds: noise hits every mode
-                    for mode, work_items in per_mode.items():
-                        best[mode] = max(best[mode],
-                                         rows_per_s(urls[mode], work_items, args.requests))
-                for mode, value in best.items():
-                    print(f"{label:<10}{mode:<14}{value:>12,.0f}"
-                          f"{value / best['native JSON']:>11.2f}")
-        finally:
-            server.stop()
+    with demo_server("bench-protocols-", CACHE="off") as server:
+        print(f"1000-row batches, {args.requests} requests x best of {args.rounds}, "
+              "4 client threads, cache off")
+        print(f"{'model':<10}{'mode':<14}{'rows/s':>12}{'vs native':>11}")
+        for version, label in (("1", "v1 LR"), ("2", "v2 RF100")):
+            per_mode = bodies(version, 8)
+            urls: dict[str, str] = {
+                "native JSON": server.url + "/predict/batch",
+                "V2 JSON": f"{server.url}/v2/models/iris/versions/{version}/infer",
+                "V2 binary": f"{server.url}/v2/models/iris/versions/{version}/infer",
+            }
+            best: dict[str, float] = {m: 0.0 for m in per_mode}
+            for _ in range(args.rounds):  # interleaved rounds: noise hits every mode
+                for mode, work_items in per_mode.items():
+                    best[mode] = max(best[mode],
+                                     rows_per_s(urls[mode], work_items, args.requests))
+            for mode, value in best.items():
+                print(f"{label:<10}{mode:<14}{value:>12,.0f}"
+                      f"{value / best['native JSON']:>11.2f}")
     return 0
 
 

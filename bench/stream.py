@@ -11,17 +11,13 @@ figure is the best of ``--rounds``.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import orjson
 import requests
 
-from bench.core import Server, iris_like_rows
-from server.demo import write_demo
+from bench.core import demo_server, iris_like_rows
 
 
 def stream_rows_per_s(url: str, rows: list[list[float]], version: str) -> float:
@@ -56,29 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
-        work = Path(tmp)
-        write_demo(work / "models")
-        server = Server("ours", "wsgi:app", work, {"MODEL_DIR": str(work / "models"),
-                                                   "CACHE": "off", "STREAM_MAX_ROWS": "1000000"})
-        server.start()
-        try:
-            server.wait_until_up(urllib.request.Request(server.url + "/ready"))
-            rows = iris_like_rows(args.rows).tolist()
-            print(f"stream vs batch: {args.rows} iris rows, best of {args.rounds}, cache off")
-            print(f"{'model':<12}{'stream rows/s':>15}{'batch x1':>12}{'batch x4':>12}"
-                  f"{'stream/batch x1':>17}")
-            for version, label in (("1", "v1 LR"), ("2", "v2 RF100")):
-                stream = max(stream_rows_per_s(server.url, rows, version)
-                             for _ in range(args.rounds))
-                one = max(batch_rows_per_s(server.url, rows, version, 1)
-                          for _ in range(args.rounds))
-                four = max(batch_rows_per_s(server.url, rows, version, 4)
-                           for _ in range(args.rounds))
-                print(f"{label:<12}{stream:>15,.0f}{one:>12,.0f}{four:>12,.0f}"
-                      f"{stream / one:>17.2f}")
-        finally:
-            server.stop()
+    with demo_server("bench-stream-", CACHE="off", STREAM_MAX_ROWS="1000000") as server:
+        rows = iris_like_rows(args.rows).tolist()
+        print(f"stream vs batch: {args.rows} iris rows, best of {args.rounds}, cache off")
+        print(f"{'model':<12}{'stream rows/s':>15}{'batch x1':>12}{'batch x4':>12}"
+              f"{'stream/batch x1':>17}")
+        for version, label in (("1", "v1 LR"), ("2", "v2 RF100")):
+            stream = max(stream_rows_per_s(server.url, rows, version)
+                         for _ in range(args.rounds))
+            one = max(batch_rows_per_s(server.url, rows, version, 1)
+                      for _ in range(args.rounds))
+            four = max(batch_rows_per_s(server.url, rows, version, 4)
+                       for _ in range(args.rounds))
+            print(f"{label:<12}{stream:>15,.0f}{one:>12,.0f}{four:>12,.0f}"
+                  f"{stream / one:>17.2f}")
     return 0
 
 
