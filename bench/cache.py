@@ -55,6 +55,7 @@ from bench.core import (
     post,
     progress,
     run_wrk,
+    show_logs,
     stop_process,
 )
 from server.demo import write_demo
@@ -268,6 +269,12 @@ def cache_counters(server: Server, tries: int = 40) -> dict[int, dict[str, Any]]
     return None
 
 
+def hit_note(seen: dict[str, int] | None) -> str:
+    """", hit ratio 0.9987" for a progress line ("?" when nothing was counted)."""
+    total = sum(seen.values()) if seen else 0
+    return ", hit ratio " + (f"{seen['hits'] / total:.4f}" if seen and total else "?")
+
+
 def lookups_between(before: dict[int, dict[str, Any]] | None,
                     after: dict[int, dict[str, Any]] | None) -> dict[str, int] | None:
     """Hits and misses counted by all workers between two snapshots (None if a worker was
@@ -448,16 +455,13 @@ def main(argv: list[str] | None = None) -> int:
                         if t.cached:
                             seen = lookups_between(before, cache_counters(servers[t.server]))
                             m.lookups.append(seen)
-                            note = ", hit ratio " + (
-                                "?" if seen is None or not sum(seen.values()) else
-                                f"{seen['hits'] / sum(seen.values()):.4f}")
+                            note = hit_note(seen)
                         progress(f"round {round_no}/{args.rounds} {t.name} {t.mode} c={c}: "
                                  f"{run.requests_per_s:.0f} req/s, p99 {ms(run.p99_ms)} ms, "
                                  f"{run.errors} errors{note}")
             redis_stats["after"] = store.stats()
         except BaseException:
-            for server in servers.values():
-                progress(f"--- {server.name} server log (tail) ---\n{server.log_tail()}")
+            show_logs(servers.values())
             progress(f"--- redis-server log (tail) ---\n{store.log_tail()}")
             raise
         finally:

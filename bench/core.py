@@ -27,7 +27,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -461,6 +461,12 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
             proc.wait(5)
 
 
+def show_logs(servers: Iterable[Any]) -> None:
+    """After a failure: the tail of every server's log, where the cause usually is."""
+    for server in servers:
+        progress(f"--- {server.name} server log (tail) ---\n{server.log_tail()}")
+
+
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)  # stdout keeps only the table
 
@@ -519,8 +525,7 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{run.requests_per_s:.0f} req/s, p99 {ms(run.p99_ms)} ms, "
                                  f"{run.errors} errors")
         except BaseException:
-            for server in servers.values():
-                progress(f"--- {server.name} server log (tail) ---\n{server.log_tail()}")
+            show_logs(servers.values())
             raise
         finally:
             for server in servers.values():

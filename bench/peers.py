@@ -50,7 +50,7 @@ import joblib
 import numpy as np
 import orjson
 
-from bench.cache import cache_counters, lookups_between
+from bench.cache import cache_counters, hit_note, lookups_between
 from bench.cache import write_scripts as write_cache_scripts
 from bench.core import (
     RESULTS_DIR,
@@ -71,6 +71,7 @@ from bench.core import (
     post,
     progress,
     run_wrk,
+    show_logs,
 )
 from server.demo import write_demo
 
@@ -660,16 +661,13 @@ def main(argv: list[str] | None = None) -> int:
                         if t.hit:
                             seen = lookups_between(before, cache_counters(servers[t.server]))
                             m.lookups.append(seen)
-                            note = ", hit ratio " + (
-                                "?" if seen is None or not sum(seen.values()) else
-                                f"{seen['hits'] / sum(seen.values()):.4f}")
+                            note = hit_note(seen)
                         progress(f"round {round_no}/{args.rounds} {t.name} {t.model} c={c}: "
                                  f"{run.requests_per_s:.0f} req/s, p99 {ms(run.p99_ms)} ms, "
                                  f"{run.errors} errors{note}")
             rss = rss_report(servers, held, sizes)
         except BaseException:
-            for server in servers.values():
-                progress(f"--- {server.name} server log (tail) ---\n{server.log_tail()}")
+            show_logs(servers.values())
             raise
         finally:
             for server in servers.values():
