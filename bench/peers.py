@@ -53,6 +53,8 @@ import orjson
 from bench.cache import cache_counters, hit_note, lookups_between
 from bench.cache import write_scripts as write_cache_scripts
 from bench.core import (
+    BATCH_BODIES,
+    BATCH_ROWS,
     RESULTS_DIR,
     ROOT,
     SINGLE_ROWS,
@@ -62,6 +64,7 @@ from bench.core import (
     _terminate,
     clean_environ,
     free_port,
+    in_process_rows_per_s,
     iris_like_rows,
     load_parser,
     lua_script,
@@ -89,6 +92,8 @@ MB = 1024 * 1024
 KINDS = {  # server kind -> as printed
     "bare": "bare Flask+gevent",
     "ours": "ours (cache off)",
+    "nobatch": "ours, no micro-batch",
+    "batch": "ours /predict/batch",
     "memory": "ours memory-cache hit",
     "fastapi": "guides' FastAPI",
     "mlserver": "MLServer default",
@@ -119,11 +124,17 @@ class PeerTarget:
     def hit(self) -> bool:
         return self.kind == "memory"
 
+    @property
+    def batch(self) -> bool:
+        return self.kind == "batch"
+
 
 def make_targets(with_fastapi: bool, with_mlserver: bool) -> list[PeerTarget]:
     targets = [PeerTarget("bare", "bare", None, "/predict", "predict-v1.lua")]
     for v in MODELS:
         targets.append(PeerTarget("ours", "ours", v, "/predict", f"predict-v{v}.lua"))
+        targets.append(PeerTarget("nobatch", "nobatch", v, "/predict", f"predict-v{v}.lua"))
+        targets.append(PeerTarget("batch", "ours", v, "/predict/batch", f"batch-v{v}.lua"))
         targets.append(PeerTarget("memory", "memory", v, "/predict", f"hit-v{v}.lua"))
         if with_fastapi:
             targets.append(PeerTarget("fastapi", f"fastapi-{v}", v, "/predict",
@@ -161,18 +172,25 @@ def v2_body(row: list[float]) -> bytes:
     })
 
 
-def write_scripts(folder: Path) -> np.ndarray:
+def write_scripts(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """The wrk scripts: our native body (the bare app and the guides' app read the same; the
-    latter ignores the fields it does not know), MLServer's V2 body with the same rows, and
-    bench.cache's hit scripts. Returns the rows."""
-    rows = iris_like_rows(SINGLE_ROWS)
+    latter ignores the fields it does not know), MLServer's V2 body with the same rows,
+    bench.cache's hit scripts, and /predict/batch bodies of BATCH_ROWS rows each. Returns the
+    single rows and the first batch body's rows (the in-process baseline predicts those)."""
+    rows = iris_like_rows(SINGLE_ROWS + BATCH_ROWS * BATCH_BODIES)
+    single, batched = rows[:SINGLE_ROWS], rows[SINGLE_ROWS:]
+    chunks = [batched[k * BATCH_ROWS:(k + 1) * BATCH_ROWS] for k in range(BATCH_BODIES)]
     for v in MODELS:
         native = [orjson.dumps({"model": "iris", "version": v, "features": r.tolist()})
-                  for r in rows]
+                  for r in single]
         (folder / f"predict-v{v}.lua").write_text(lua_script(native))
-        (folder / f"infer-v{v}.lua").write_text(lua_script([v2_body(r.tolist()) for r in rows]))
+        (folder / f"infer-v{v}.lua").write_text(lua_script([v2_body(r.tolist())
+                                                            for r in single]))
+        (folder / f"batch-v{v}.lua").write_text(lua_script(
+            [orjson.dumps({"model": "iris", "version": v, "instances": c.tolist()})
+             for c in chunks]))
     write_cache_scripts(folder)  # hit-v1.lua, hit-v2.lua (and miss scripts, unused here)
-    return rows
+    return single, chunks[0]
 
 
 # --- Processes --------------------------------------------------------------------------------
@@ -403,7 +421,12 @@ def check_answers(servers: dict[str, Peer], targets: list[PeerTarget], rows: np.
         est = joblib.load(models / "iris" / t.version / "model.joblib")
         want_class, want_proba = est.predict(X), est.predict_proba(X)
         for i, row in enumerate(X.tolist()):
-            if t.kind.startswith("mlserver"):
+            if t.batch:
+                body = ask(url, orjson.dumps({"model": "iris", "version": t.version,
+                                              "instances": [row]}))
+                got_class = body["predictions"][0]
+                got_proba = list(body["probabilities"][0].values())
+            elif t.kind.startswith("mlserver"):
                 out = {o["name"]: o["data"] for o in ask(url, v2_body(row))["outputs"]}
                 got_class, got_proba = out["predict"][0], out["predict_proba"]
             elif t.kind == "fastapi":
@@ -482,7 +505,7 @@ def ratios(m: PeerMeasurement, base: dict[tuple[str, str | None, int], float]
     t, rate = m.target, m.best.requests_per_s
 
     def vs(kind: str, version: str | None) -> float | None:
-        if t.kind == kind or t.version is None and kind != "bare":
+        if t.kind == kind or t.batch or t.version is None and kind != "bare":
             return None
         b = base.get((kind, version, m.connections))
         return rate / b if b else None
@@ -553,6 +576,80 @@ def as_json(measurements: list[PeerMeasurement], rss: list[dict[str, Any]],
     }
 
 
+def batch_table(measurements: list[PeerMeasurement], in_process: dict[str, float]) -> str:
+    head = f"{'model':<13} {'conns':>5} {'rows/s':>9} {'in-process':>10} {'ratio':>6}"
+    lines = [head, "-" * len(head)]
+    for m in measurements:
+        if m.target.batch and m.target.version is not None:
+            rows = m.best.requests_per_s * BATCH_ROWS
+            base = in_process[m.target.version]
+            lines.append(f"{m.target.model:<13} {m.connections:>5} {rows:>9.0f} {base:>10.0f} "
+                         f"{rows / base:>6.2f}")
+    return "\n".join(lines)
+
+
+def verdicts(measurements: list[PeerMeasurement], in_process: dict[str, float],
+             hold: WrkRun | None, rss: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each target of issue 8 against this run's own baselines: what was measured, the goal,
+    and whether it was met (None where a peer was left out)."""
+    at = {(m.target.kind, m.target.version, m.connections): m for m in measurements}
+    conns = sorted({m.connections for m in measurements})
+    rate = {k: m.best.requests_per_s for k, m in at.items()}
+    out: list[dict[str, Any]] = []
+
+    def goal(name: str, value: float | None, wanted: float, at_least: bool = True) -> None:
+        met = None if value is None else (value >= wanted if at_least else value <= wanted)
+        out.append({"target": name, "measured": value, "goal": wanted,
+                    "at_least": at_least, "met": met})
+
+    def ratio(a: tuple[str, str | None, int], b: tuple[str, str | None, int]) -> float | None:
+        return rate[a] / rate[b] if a in rate and rate.get(b) else None
+
+    for c in conns:
+        goal(f"1. LR vs guides' FastAPI, c={c}", ratio(("ours", "1", c), ("fastapi", "1", c)), 1.3)
+        goal(f"1. LR vs bare ceiling, c={c}", ratio(("ours", "1", c), ("bare", None, c)), 0.75)
+        goal(f"1. cache hit vs bare ceiling, c={c}",
+             ratio(("memory", "1", c), ("bare", None, c)), 0.9)
+        goal(f"2. RF vs guides' FastAPI, c={c}", ratio(("ours", "2", c), ("fastapi", "2", c)),
+             10)
+        for v, model in (("1", "LR"), ("2", "RF")):
+            goal(f"3. {model} vs MLServer default, c={c}",
+                 ratio(("ours", v, c), ("mlserver", v, c)), 4)
+            goal(f"3. {model} vs MLServer batching, c={c}",
+                 ratio(("ours", v, c), ("mlserver-batch", v, c)), 2)
+    top = max(conns)
+    for v, model in (("1", "LR"), ("2", "RF")):
+        ours, fast = at.get(("ours", v, top)), at.get(("fastapi", v, top))
+        if ours is not None and ours.best.p99_ms is not None:
+            p99 = ours.best.p99_ms
+            goal(f"4. {model} p99 / FastAPI p99, c={top}",
+                 p99 / fast.best.p99_ms if fast and fast.best.p99_ms else None, 1.0, False)
+            goal(f"4. {model} p99 / p50, c={top}",
+                 p99 / ours.best.p50_ms if ours.best.p50_ms else None, 3.0, False)
+    goal("5. errors holding the hold connections", None if hold is None else hold.errors, 0,
+         False)
+    for m in measurements:
+        if m.target.batch and m.target.version is not None:
+            goal(f"6. batch x{BATCH_ROWS} {m.target.model} vs in-process",
+                 m.best.requests_per_s * BATCH_ROWS / in_process[m.target.version], 0.8)
+    for r in rss:
+        if r["server"] == "ours" and r["workers"]:
+            goal("7. ours worker RSS MB (goal: models + 60 MB)",
+                 max(w["rss_mb"] for w in r["workers"]), r["limit_mb"], False)
+    return out
+
+
+def verdict_table(goals: list[dict[str, Any]]) -> str:
+    head = f"{'target':<42} {'measured':>9} {'goal':>9} {'met':>4}"
+    lines = [head, "-" * len(head)]
+    for g in goals:
+        value = "-" if g["measured"] is None else f"{g['measured']:.2f}"
+        wanted = ("≥ " if g["at_least"] else "≤ ") + f"{g['goal']:.4g}"
+        met = {True: "yes", False: "NO", None: "-"}[g["met"]]
+        lines.append(f"{g['target']:<42} {value:>9} {wanted:>9} {met:>4}")
+    return "\n".join(lines)
+
+
 # --- Main -------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = load_parser(
@@ -561,6 +658,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "before every hit round (at least 1) [1]")
     parser.add_argument("--skip-mlserver", action="store_true",
                         help="leave MLServer out (no venv, no install)")
+    parser.add_argument("--hold-connections", type=int, default=1000,
+                        help="connections of the hold test on ours [1000]")
+    parser.add_argument("--hold-seconds", type=int, default=30,
+                        help="length of the hold test; 0 skips it [30]")
     return parsed(parser, argv)
 
 
@@ -590,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         models = work / "models"
         progress(f"writing the demo repository into {models}")
         write_demo(models)
-        rows = write_scripts(work)
+        rows, batch_rows = write_scripts(work)
         artifacts = {str(p.relative_to(models).parent): p
                      for p in sorted(models.glob("*/*/model.joblib"))}
         sizes = {name: model_bytes(path) for name, path in artifacts.items()}
@@ -601,9 +702,12 @@ def main(argv: list[str] | None = None) -> int:
         servers: dict[str, Peer] = {
             "bare": Peer("bare", work, "bench.bare_app:app"),
             "ours": Peer("ours", work, "wsgi:app", ours | {"CACHE": "off"}),
+            "nobatch": Peer("nobatch", work, "wsgi:app",
+                            ours | {"CACHE": "off", "BATCH_MAX_SIZE": "1"}),
             "memory": Peer("memory", work, "wsgi:app", ours | {"CACHE": "on"}),
         }
-        held: dict[str, list[str]] = {"bare": [], "ours": list(sizes), "memory": list(sizes)}
+        held: dict[str, list[str]] = {"bare": [], "ours": list(sizes), "memory": list(sizes),
+                                      "nobatch": list(sizes)}
         if not fastapi_why:
             for v in MODELS:
                 servers[f"fastapi-{v}"] = uvicorn(f"fastapi-{v}", work,
@@ -614,8 +718,13 @@ def main(argv: list[str] | None = None) -> int:
                 servers[name] = mlserver(name, work, models, venv, batching)
                 held[name] = iris
         targets = make_targets(not fastapi_why, venv is not None)
+        # A 1,000-row batch is measured at the lowest connection count only: it is about
+        # rows/s against the in-process model, not about concurrency.
         measurements = {(t, c): PeerMeasurement(t, c) for c in args.connections
-                        for t in targets}
+                        for t in targets if not t.batch or c == min(args.connections)}
+        in_process = {v: in_process_rows_per_s(models / "iris" / v / "model.joblib",
+                                               batch_rows, args.rounds) for v in MODELS}
+        hold: WrkRun | None = None
         warm_s = max(1, args.warmup)
         rss: list[dict[str, Any]] = []
 
@@ -634,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
                     for v in MODELS:
                         server.wait_until_up(urllib.request.Request(
                             f"{server.url}/v2/models/iris-v{v}/ready"), timeout=300)
-                elif name in ("ours", "memory"):
+                elif name in ("ours", "memory", "nobatch"):
                     server.wait_until_up(urllib.request.Request(server.url + "/ready"))
                 else:
                     server.wait_until_up(post(server.url + "/predict", probe), timeout=120)
@@ -650,7 +759,9 @@ def main(argv: list[str] | None = None) -> int:
             for round_no in range(1, args.rounds + 1):
                 for c in args.connections:
                     for t in targets:
-                        m = measurements[t, c]
+                        m = measurements.get((t, c))
+                        if m is None:
+                            continue
                         before = None
                         if t.hit:
                             load(t, max(args.connections), warm_s)  # the hot rows, cached
@@ -665,6 +776,13 @@ def main(argv: list[str] | None = None) -> int:
                         progress(f"round {round_no}/{args.rounds} {t.name} {t.model} c={c}: "
                                  f"{run.requests_per_s:.0f} req/s, p99 {ms(run.p99_ms)} ms, "
                                  f"{run.errors} errors{note}")
+            if args.hold_seconds:
+                progress(f"holding {args.hold_connections} connections for "
+                         f"{args.hold_seconds} s on ours, iris v1")
+                hold = run_wrk(servers["ours"].url + "/predict", work / "predict-v1.lua",
+                               args.hold_connections, args.hold_seconds, args.timeout)
+                progress(f"hold: {hold.requests_per_s:.0f} req/s, p99 {ms(hold.p99_ms)} ms, "
+                         f"{hold.errors} errors")
             rss = rss_report(servers, held, sizes)
         except BaseException:
             show_logs(servers.values())
@@ -673,7 +791,8 @@ def main(argv: list[str] | None = None) -> int:
             for server in servers.values():
                 server.stop()
 
-    ordered = [measurements[t, c] for t in targets for c in args.connections]
+    ordered = [measurements[t, c] for t in targets for c in args.connections
+               if (t, c) in measurements]
     settings: dict[str, Any] = {
         "duration_s": args.duration, "connections": args.connections, "rounds": args.rounds,
         "warmup_s": args.warmup, "hit_warm_s": warm_s, "timeout_s": args.timeout,
@@ -701,11 +820,26 @@ def main(argv: list[str] | None = None) -> int:
     print(rss_table(rss))
     print("floor: a plain python that joblib.loads iris/2 and predicts once: "
           + ("?" if floor_mb is None else f"{floor_mb:.0f} MB"))
+    print()
+    print(f"/predict/batch of {BATCH_ROWS} rows vs predict_proba on the same {BATCH_ROWS} rows "
+          "in this process:")
+    print(batch_table(ordered, in_process))
+    if hold is not None:
+        print(f"hold: {args.hold_connections} connections for {args.hold_seconds} s on ours, "
+              f"iris v1: {hold.requests} answered, {hold.requests_per_s:.0f} req/s, "
+              f"p50 {ms(hold.p50_ms)} ms, p99 {ms(hold.p99_ms)} ms, {hold.errors} errors")
+    goals = verdicts(ordered, in_process, hold, rss)
+    print()
+    print("issue 8 targets, from this run:")
+    print(verdict_table(goals))
 
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"peers-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_bytes(orjson.dumps(as_json(ordered, rss, sizes, settings, loadavg),
-                                  option=orjson.OPT_INDENT_2))
+    report = as_json(ordered, rss, sizes, settings, loadavg)
+    report["in_process_rows_per_s"] = in_process
+    report["hold"] = asdict(hold) if hold is not None else None
+    report["targets"] = goals
+    path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     print(f"results: {path.relative_to(ROOT)}")
     return 0
 

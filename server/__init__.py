@@ -20,8 +20,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     from flask import Flask
 
     from server import metrics, web
+    from server.batching import MicroBatcher, gevent_active
     from server.blueprints import (
         admin,
+        dashboard,
         docs,
         experiments,
         health,
@@ -37,7 +39,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from server.config import Settings
     from server.events import EventLog
     from server.experiments import Experiments, MemoryStats, RedisStats
-    from server.inference import DataPlane
+    from server.inference import DataPlane, predict_matrix
     from server.logs import configure_logging
     from server.monitor import WorkerMetrics
     from server.registry import ModelRegistry, ReloadReport
@@ -46,7 +48,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     settings = settings or Settings()
     configure_logging(settings.log_level)
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # the dashboard serves its own files
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
 
     registry = ModelRegistry(ModelRepository(settings.model_dir))
@@ -63,7 +65,12 @@ def create_app(settings: Settings | None = None) -> Flask:
                        settings.cache_max_entries, settings.redis_breaker_seconds)
     ab = Experiments(registry, RedisStats(client) if client is not None else MemoryStats())
     ab.reload()
-    dataplane = DataPlane(registry, cache, ab)
+    batcher = None
+    if settings.batch_max_size > 1 and gevent_active():
+        batcher = MicroBatcher(predict_matrix, settings.batch_max_size,
+                               settings.batch_max_delay_ms)
+    dataplane = DataPlane(registry, cache, ab, batcher, settings.stream_chunk_rows,
+                          settings.model_timeout_seconds)
     dataplane.sync_cache()
     events = EventLog(settings.runtime_dir)
 
@@ -102,7 +109,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     web.install_rate_limits(app, settings)
     web.install_cors(app, settings)
     for blueprint in (health.bp, models.bp, predict.bp, experiments.bp, stream.bp, ws.bp,
-                      v2_oip.bp, v1_tfserving.bp, train.bp, admin.bp, docs.bp):
+                      v2_oip.bp, v1_tfserving.bp, train.bp, admin.bp, docs.bp,
+                      dashboard.bp):
         app.register_blueprint(blueprint)
     reloader.start()
     live.start()

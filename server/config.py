@@ -28,10 +28,26 @@ class Settings(BaseSettings):
         2.0, ge=0, description="How long Redis is skipped after a failure (circuit breaker)."
     )
     max_batch: int = Field(1000, ge=1, description="Most rows in one /predict/batch.")
+    batch_max_size: int = Field(
+        32, ge=1, description="Micro-batching: most one-row requests predicted in one call "
+        "(per worker and model version); 1 turns micro-batching off."
+    )
+    batch_max_delay_ms: float = Field(
+        2.0, ge=0, description="Micro-batching: longest a request waits for its batch to close."
+    )
+    blas_threads: int = Field(
+        1, ge=1, description="BLAS/OpenMP threads per worker (threadpoolctl): workers are the "
+        "parallelism; more threads per worker only fight over the same cores."
+    )
+    model_timeout_seconds: float = Field(
+        30.0, ge=0, description="Model time one request may use, checked between chunks of "
+        "STREAM_CHUNK_ROWS rows (504 model_timeout beyond); 0 = no limit."
+    )
     max_body_bytes: int = Field(8_388_608, ge=1, description="Largest JSON body (413 beyond).")
     stream_max_rows: int = Field(100_000, ge=1, description="Most rows in one /predict/stream.")
     stream_chunk_rows: int = Field(
-        256, ge=1, description="Rows predicted per chunk of a stream (the worker yields between)."
+        256, ge=2, description="Rows predicted per model call in a stream or a big batch (the "
+        "worker serves its other requests between chunks)."
     )
     max_streams: int = Field(
         500, ge=1, description="Most open SSE streams per worker (503 + Retry-After beyond)."
@@ -55,6 +71,12 @@ class Settings(BaseSettings):
         "", description="Directory shared by the workers of one server (reload signal)."
     )
     log_level: str = Field("INFO", description="Python log level name.")
+    # The deepest legitimate body is 5 levels (the Open Inference envelope around a 2-D
+    # tensor); 32 leaves room for any client while staying far below the parser's own
+    # limit (~255, with a vaguer message) and anything a recursive walk could trip on.
+    max_json_depth: int = Field(
+        32, ge=1, description="Deepest nesting of arrays and objects in a JSON body (400 beyond)."
+    )
 
     @property
     def cache_enabled(self) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ import orjson
 import sklearn
 
 from server import metrics
+from server.batching import MicroBatcher, cooperate
 from server.cache import NoCache, PredictionCache, row_keys
 from server.errors import ApiError, validation_error
 from server.experiments import Arm, Experiment, Experiments, MemoryStats
@@ -71,28 +73,32 @@ def _order_named(lv: LoadedVersion, row: dict[str, float], where: list[Any]) -> 
     return [row[n] for n in index]
 
 
-def predict_matrix(lv: LoadedVersion, X: np.ndarray) -> list[dict[str, Any]]:
+def predict_matrix(lv: LoadedVersion, X: np.ndarray, rowwise: bool = False) -> list[dict[str, Any]]:
     # Our own validation already refused NaN and infinity: skip sklearn's second check.
     # Overflow inside the model is caught by _finite below, so numpy need not warn about it.
     with sklearn.config_context(assume_finite=True), np.errstate(all="ignore"):
-        return _predict_matrix(lv, X)
+        return _predict_matrix(lv, X, rowwise)
 
 
-def _predict_matrix(lv: LoadedVersion, X: np.ndarray) -> list[dict[str, Any]]:
+def _predict_matrix(lv: LoadedVersion, X: np.ndarray, rowwise: bool) -> list[dict[str, Any]]:
     """Call the model once for all rows; one result dict per row.
 
     ``prediction`` is the estimator's own ``predict``; ``probabilities`` its ``predict_proba``;
-    ``confidence`` the probability of the predicted class. Same numbers as in-process.
+    ``confidence`` the probability of the predicted class. Same numbers as in-process
+    (within 1e-6 on an ONNX backend, which is checked at load).
+    ``rowwise`` (micro-batches) keeps each row's arithmetic what it is in a one-row call.
     """
-    est = lv.estimator
+    predict = lv.predict_fn or lv.estimator.predict
     if lv.task != "classification" or lv.classes is None:
-        values = np.asarray(est.predict(X), dtype="<f8")
+        values = np.asarray(predict(X), dtype="<f8")
         _finite(values)
         return [{"prediction": p} for p in values.tolist()]
     classes = lv.classes
     names = lv.class_names or [str(c) for c in classes]
     proba: np.ndarray | None
-    if lv.scores is not None:
+    if rowwise and lv.scores_rowwise is not None:
+        indices, proba = lv.scores_rowwise(X)
+    elif lv.scores is not None:
         indices, proba = lv.scores(X)
     else:
         proba = lv.proba(X) if lv.proba is not None else None
@@ -106,7 +112,7 @@ def _predict_matrix(lv: LoadedVersion, X: np.ndarray) -> list[dict[str, Any]]:
         predicted = [classes[i] for i in idx]
     else:
         position = {c: i for i, c in enumerate(classes)}
-        predicted = np.asarray(est.predict(X)).tolist()
+        predicted = np.asarray(predict(X)).tolist()
         idx = [position[p] for p in predicted]
     if proba is None:
         return [{"prediction": p, "label": names[i]} for p, i in zip(predicted, idx)]
@@ -138,8 +144,13 @@ class DataPlane:
     """Resolve the model, build the matrix, look rows up in the cache, predict the misses."""
 
     def __init__(self, registry: ModelRegistry, cache: PredictionCache | None = None,
-                 experiments: Experiments | None = None) -> None:
+                 experiments: Experiments | None = None,
+                 batcher: MicroBatcher | None = None, chunk_rows: int = 256,
+                 model_timeout: float = 0.0) -> None:
         self.registry = registry
+        self.batcher = batcher
+        self.chunk_rows = max(2, chunk_rows)
+        self.model_timeout = model_timeout
         self.cache: PredictionCache = cache if cache is not None else NoCache()
         self.experiments = experiments or Experiments(registry, MemoryStats())
         self.predictions = 0
@@ -185,14 +196,40 @@ class DataPlane:
         self.cache.set_many({keys[i]: orjson.dumps(r) for i, r in zip(missing, fresh)})
         return found, len(found) - len(missing)  # type: ignore[return-value]
 
-    @staticmethod
-    def _call(lv: LoadedVersion, X: np.ndarray, loc: list[Any]) -> list[dict[str, Any]]:
+    def _call(self, lv: LoadedVersion, X: np.ndarray, loc: list[Any]) -> list[dict[str, Any]]:
         try:
-            return predict_matrix(lv, X)
+            if self.batcher is not None and len(X) == 1:
+                return self.batcher.submit(lv, X)
+            if len(X) <= self.chunk_rows:
+                return predict_matrix(lv, X)
+            return self._chunked(lv, X)
         except (ValueError, TypeError) as exc:
             # The model refused rows that passed our checks (e.g. a range it rejects).
             raise ApiError(422, "model_rejected_input", f"model rejected the input: {exc}",
                            [{"loc": list(loc), "msg": str(exc)[:300]}]) from exc
+
+    def _chunked(self, lv: LoadedVersion, X: np.ndarray) -> list[dict[str, Any]]:
+        """Predict a big matrix in chunks, letting the worker's other requests run between
+        them, and give up with 504 once the request's model time is over MODEL_TIMEOUT.
+
+        A model call itself cannot be interrupted (gevent switches only when code yields),
+        so the timeout is noticed at the next chunk boundary. No chunk has one row unless
+        the matrix has (a one-row product can differ from a batch's in the last bits)."""
+        bounds = list(range(0, len(X), self.chunk_rows))
+        if len(bounds) > 1 and len(X) - bounds[-1] == 1:
+            bounds.pop()
+        bounds.append(len(X))
+        deadline = time.monotonic() + self.model_timeout if self.model_timeout > 0 else None
+        out: list[dict[str, Any]] = []
+        for start, end in zip(bounds, bounds[1:]):
+            if out:
+                cooperate()
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ApiError(504, "model_timeout",
+                                   f"the model took longer than {self.model_timeout:g} s; "
+                                   f"{len(out)} of {len(X)} rows were done")
+            out.extend(predict_matrix(lv, X[start:end]))
+        return out
 
     # -- A/B experiments ---------------------------------------------------------------------
     def predict_ab(self, experiment: str, user_id: str, rows: Sequence[RowInput],

@@ -31,6 +31,8 @@ PREDICTIONS = Counter("predictions_total", "Rows predicted.", ["model", "version
 CACHE = Counter("prediction_cache_lookups_total", "Cache lookups by result.", ["result"])
 BATCH_ROWS = Histogram("batch_rows", "Rows per prediction call.",
                        buckets=(1, 2, 5, 10, 50, 100, 250, 500, 1000, 5000, 20000, 100000))
+MICRO_BATCH_ROWS = Histogram("micro_batch_rows", "One-row requests per micro-batched model call.",
+                             buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 LOAD_FAILURES = Counter("model_load_failures_total", "Model versions that failed to load.",
                         ["model"])
 CONTENT_TYPE = CONTENT_TYPE_LATEST

@@ -224,6 +224,17 @@ OPERATIONS: tuple[Operation, ...] = (
               {200: Body(schema=ANY_OBJECT, description="OpenAPI 3.1.")}, security="open"),
     Operation("GET", "/docs", "Swagger UI over this document", ("docs",),
               {200: Body(media="text/html", schema=TEXT)}, security="open"),
+    # --- the live dashboard -----------------------------------------------------------------
+    Operation("GET", "/dashboard", "The live operations page", ("dashboard",),
+              {200: Body(media="text/html", schema=TEXT)}, security="open",
+              description="Live figures from /ws/monitor and /stream/events, A/B arms, "
+                          "a prediction form and a training button; same origin only."),
+    Operation("GET", "/dashboard/{asset}", "A file of the dashboard page", ("dashboard",),
+              {200: Body(media="text/javascript", schema=TEXT,
+                         description="dashboard.js, dashboard.css, uPlot.iife.min.js or "
+                                     "uPlot.min.css (text/css for the stylesheets).")},
+              params=(Param("asset", "path", "File name.", "dashboard.js"),),
+              security="open", errors=(404,)),
     # --- other protocols on the same port: see their own specs ------------------------------
     *(Operation(method, path, summary, ("tfserving",),
                 {200: Body(schema=ANY_OBJECT, description="As TF Serving answers.")},

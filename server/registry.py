@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,17 @@ class LoadedVersion:
     scores: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None
     metadata: dict[str, Any]
     loaded_at: float
+    # ``scores`` computed so that each row's arithmetic is what it is in a one-row call
+    # (for micro-batches); and how this version may be micro-batched (server.batching)
+    scores_rowwise: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+    microbatch: str = "off"
+    # What answers: "sklearn" (the estimator) or "onnx" (an onnxruntime session that
+    # matched it at load; server.onnx_backend); why an asked-for ONNX backend is not used,
+    # or what its check measured. With ONNX, ``proba`` and ``scores`` run the session and
+    # ``predict_fn`` is its ``predict`` (classes mapped to classes_); None on sklearn.
+    backend: str = "sklearn"
+    backend_note: str | None = None
+    predict_fn: Callable[[np.ndarray], np.ndarray] | None = None
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -56,7 +67,11 @@ class LoadedVersion:
             "n_features": self.n_features,
             "feature_names": list(self.feature_names) if self.feature_names else None,
             "loaded_at": self.loaded_at,
+            "backend": self.backend,
+            "micro_batching": self.microbatch,
         }
+        if self.backend_note is not None:
+            out["backend_note"] = self.backend_note
         if self.classes is not None:
             out["classes"] = self.classes
             out["class_names"] = self.class_names
@@ -136,7 +151,8 @@ def build_version(found: VersionOnDisk, estimator: Any, sha256: str) -> LoadedVe
         if given is not None and len(given) != len(classes):
             raise ValueError(f"metadata lists {len(given)} class names, model has {len(classes)}")
         class_names = [str(c) for c in (given if given is not None else classes)]
-    return LoadedVersion(
+    pair = _scores_functions(estimator, n_features) if classifier else None
+    return _with_backend(LoadedVersion(
         name=found.name,
         version=found.version,
         estimator=estimator,
@@ -152,9 +168,44 @@ def build_version(found: VersionOnDisk, estimator: Any, sha256: str) -> LoadedVe
         predict_is_argmax_proba=classifier and _predicts_by_argmax(estimator),
         proba=_proba_function(estimator) if classifier and hasattr(estimator, "predict_proba")
         else None,
-        scores=_scores_function(estimator, n_features) if classifier else None,
+        scores=pair[0] if pair else None,
+        scores_rowwise=pair[1] if pair else None,
         metadata=meta,
         loaded_at=time.time(),
+    ))
+
+
+BACKENDS = ("sklearn", "onnx")
+
+
+def _with_backend(lv: LoadedVersion) -> LoadedVersion:
+    """Apply ``"backend"`` from metadata.json. An ONNX session replaces the estimator's calls
+    only when it answered like the estimator on probe rows; otherwise, and for an unknown
+    backend name (a typo must show but not take a model down), the estimator serves and
+    ``backend_note`` says why."""
+    wanted = lv.metadata.get("backend", "sklearn")
+    if wanted == "sklearn":
+        return lv
+    where = {"model": lv.name, "version": lv.version}
+    if wanted not in BACKENDS:
+        note = f"unknown backend {wanted!r} (known: {', '.join(BACKENDS)}); serving on sklearn"
+        log.warning("unknown backend in metadata.json", extra={**where, "err": note})
+        return replace(lv, backend_note=note)
+    from server.onnx_backend import compile_onnx
+
+    classifier = lv.task == "classification" and lv.classes is not None
+    model, note = compile_onnx(lv.estimator, lv.n_features, classifier)
+    if model is None:
+        log.warning("onnx backend not used: serving on sklearn", extra={**where, "err": note})
+        return replace(lv, backend_note=note)
+    log.info("onnx backend in use", extra={**where, "note": note})
+    with_proba = lv.has_proba and classifier
+    return replace(
+        lv, backend="onnx", backend_note=note, predict_fn=model.predict,
+        # prediction is the session's own label, equal to predict() on every probe row
+        predict_is_argmax_proba=False,
+        proba=model.proba if with_proba else None,
+        scores=model.scores if with_proba else None, scores_rowwise=None,
     )
 
 
@@ -164,53 +215,104 @@ def _proba_function(estimator: Any) -> Callable[[np.ndarray], np.ndarray]:
     A forest's ``predict_proba`` adds its trees' probabilities in order into a float64 array
     through joblib even with ``n_jobs=1``: that dispatch is most of the ~3 ms a one-row call
     costs. Adding them in the same order here gives the same bits (a unit test pins that).
+    Each tree is asked through its ``tree_.predict``, which is what the tree's own
+    ``predict_proba`` returns once its fitted-state and feature-count checks are done (ours
+    ran already): those checks cost more than walking a small tree.
     """
     from sklearn.ensemble._forest import ForestClassifier
 
     if not (isinstance(estimator, ForestClassifier) and estimator.n_outputs_ == 1):
         return estimator.predict_proba  # type: ignore[no-any-return]
-    trees = [tree.predict_proba for tree in estimator.estimators_]
+    trees = [tree.tree_.predict for tree in estimator.estimators_]
     n_classes = int(estimator.n_classes_)
 
     def forest_proba(X: np.ndarray) -> np.ndarray:
         X32 = np.ascontiguousarray(X, dtype=np.float32)  # what the forest's own check does
         out = np.zeros((X32.shape[0], n_classes), dtype=np.float64)
         for predict in trees:
-            out += predict(X32, check_input=False)
+            out += predict(X32)[:, :n_classes]
         out /= len(trees)
         return out
 
     return forest_proba
 
 
-def _scores_function(
-    estimator: Any, n_features: int | None
-) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
+Scores = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def _scores_functions(estimator: Any, n_features: int | None) -> tuple[Scores, Scores] | None:
     """For multiclass LogisticRegression (alone or last in a Pipeline): ``predict`` is the
     argmax of ``decision_function`` and ``predict_proba`` its softmax, so one decision gives
-    both, saving a second input validation and matrix product per call. Used only when it
-    answers exactly like the estimator on probe rows at load."""
+    both, saving a second input validation and matrix product per call. The arithmetic is
+    sklearn's own (``X @ coef_.T + intercept_``, then its softmax; a StandardScaler head as
+    ``(X - mean_) / scale_``) without its input validation, which costs more than the
+    model on one row: our own checks ran already. Used only when it answers exactly like
+    the estimator on probe rows at load.
+
+    The second function is the same with the matrix product taken row by row, as a one-row
+    call does it (a matrix-vector product, whose last bits can differ from a batch's
+    matrix-matrix product): micro-batches use it, after their own check."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
-    from sklearn.utils.extmath import softmax
 
     final = estimator[-1] if isinstance(estimator, Pipeline) else estimator
     if type(final) is not LogisticRegression or len(final.classes_) <= 2 or not n_features:
         return None
-    head = estimator[:-1] if isinstance(estimator, Pipeline) else None
+    head = _elementwise_head(estimator[:-1]) if isinstance(estimator, Pipeline) else None
+    coef_t, intercept = final.coef_.T, final.intercept_
 
     def scores(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        d = final.decision_function(head.transform(X) if head is not None else X)
-        return np.argmax(d, axis=1), softmax(d, copy=False)
+        d = (head(X) if head is not None else X) @ coef_t + intercept
+        return np.argmax(d, axis=1), _softmax(d)
+
+    def scores_rowwise(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        Z = np.ascontiguousarray(head(X) if head is not None else X, dtype=np.float64)
+        d = np.empty((Z.shape[0], coef_t.shape[1]))
+        for i in range(Z.shape[0]):
+            d[i] = Z[i:i + 1] @ coef_t + intercept  # what decision_function does for one row
+        return np.argmax(d, axis=1), _softmax(d)
 
     rng = np.random.default_rng(0)
     for probe in (rng.normal(0, 3, (64, n_features)), rng.normal(0, 3, (1, n_features))):
-        idx, proba = scores(probe)
+        try:
+            idx, proba = scores(probe)
+        except Exception:  # noqa: BLE001 - an unexpected shape or type: the estimator serves
+            return None
         if not (np.array_equal(final.classes_[idx], estimator.predict(probe))
                 and np.array_equal(proba, estimator.predict_proba(probe))):
             log.warning("one-call scoring disagrees with the estimator; not used")
             return None
-    return scores
+    return scores, scores_rowwise
+
+
+def _softmax(d: np.ndarray) -> np.ndarray:
+    """sklearn.utils.extmath.softmax on a float64 numpy array, in place, minus its dispatch."""
+    d -= d.max(axis=1).reshape(-1, 1)
+    np.exp(d, out=d)
+    d /= d.sum(axis=1).reshape(-1, 1)
+    return d
+
+
+def _elementwise_head(head: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """The steps before the classifier: StandardScalers as their own arithmetic, anything
+    else through its ``transform`` (checked with the rest on the probes)."""
+    from sklearn.preprocessing import StandardScaler
+
+    steps = [step for _, step in head.steps]
+    if not all(type(s) is StandardScaler for s in steps):
+        return head.transform  # type: ignore[no-any-return]
+    plan = [(s.mean_ if s.with_mean else None, s.scale_ if s.with_std else None) for s in steps]
+
+    def transform(X: np.ndarray) -> np.ndarray:
+        Z = np.array(X, dtype=np.float64)
+        for mean, scale in plan:
+            if mean is not None:
+                Z -= mean
+            if scale is not None:
+                Z /= scale
+        return Z
+
+    return transform
 
 
 def _predicts_by_argmax(estimator: Any) -> bool:
@@ -319,7 +421,10 @@ class ModelRegistry:
                 raise ValueError(found.metadata_error)
             sha = self.repository.sha256(found.path)
             estimator = self.repository.load(found.path)
-            return build_version(found, estimator, sha)
+            from server.batching import batch_mode
+            from server.inference import predict_matrix
+
+            return batch_mode(build_version(found, estimator, sha), predict_matrix)
         except Exception as exc:  # noqa: BLE001 - any broken artifact is reported, never fatal
             error = f"{type(exc).__name__}: {exc}"[:500]
             log.error("model version failed to load",

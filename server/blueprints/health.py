@@ -61,4 +61,5 @@ def status() -> Response:
         "models": models,
         "last_reload": st.registry.last_reload,
         "cache": st.dataplane.cache_status(),
+        "micro_batching": st.dataplane.batcher.status() if st.dataplane.batcher else None,
     })

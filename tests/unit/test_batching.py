@@ -1,0 +1,166 @@
+"""Micro-batching below the HTTP layer: which versions may be batched, that batched answers are
+the estimator's one-row answers bit for bit, and that a failing row fails only itself."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import gevent
+import numpy as np
+import pytest
+from sklearn.datasets import load_iris
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from server.batching import MicroBatcher, batch_mode
+from server.errors import ApiError
+from server.inference import DataPlane, predict_matrix
+from server.registry import LoadedVersion, ModelRegistry, build_version
+from server.repository import ModelRepository, VersionOnDisk
+
+
+@pytest.fixture(scope="module")
+def registry(demo_repo: Path) -> ModelRegistry:
+    reg = ModelRegistry(ModelRepository(demo_repo))
+    reg.reload()
+    return reg
+
+
+def loaded(estimator: Any) -> LoadedVersion:
+    found = VersionOnDisk("m", "1", Path("m/1/model.joblib"), 0, 0, 0)
+    return batch_mode(build_version(found, estimator, "0" * 64), predict_matrix)
+
+
+def rows(n: int, seed: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).normal(4.0, 2.5, (n, 4))
+
+
+def test_modes_chosen_at_load(registry: ModelRegistry) -> None:
+    assert registry.resolve("iris", "1").microbatch == "rowwise"  # LogisticRegression
+    assert registry.resolve("iris", "2").microbatch == "stack"  # RandomForest
+    assert {lv.microbatch for e in registry.models.values() for lv in e.versions.values()} <= \
+        {"stack", "rowwise", "off"}
+
+
+def test_a_stacked_call_would_change_logistic_bits_which_is_why_it_goes_rowwise() -> None:
+    X, y = load_iris(return_X_y=True)
+    lr = LogisticRegression(max_iter=1000).fit(X, y)
+    P = rows(500)
+    alone = np.vstack([lr.predict_proba(P[i:i + 1]) for i in range(len(P))])
+    lv = loaded(lr)
+    assert lv.scores_rowwise is not None
+    _, rowwise = lv.scores_rowwise(P)
+    assert np.array_equal(rowwise, alone)  # what micro-batches serve: one-row bits
+
+
+def gather(batcher: MicroBatcher, lv: LoadedVersion, X: np.ndarray) -> list[Any]:
+    """Submit every row from its own greenlet at once; each gets its answer or its error."""
+    def one(i: int) -> Any:
+        try:
+            return batcher.submit(lv, X[i:i + 1])[0]
+        except Exception as exc:  # noqa: BLE001 - the test looks at each row's own error
+            return exc
+
+    jobs = [gevent.spawn(one, i) for i in range(len(X))]
+    gevent.joinall(jobs, raise_error=True)
+    return [job.value for job in jobs]
+
+
+@pytest.mark.parametrize("model", ["logistic", "forest", "scaled_logistic"])
+def test_batched_answers_are_the_estimators_one_row_answers(model: str) -> None:
+    X, y = load_iris(return_X_y=True)
+    est: Any = {
+        "logistic": LogisticRegression(max_iter=1000),
+        "forest": RandomForestClassifier(n_estimators=30, random_state=0),
+        "scaled_logistic": make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
+    }[model].fit(X, y)
+    lv = loaded(est)
+    assert lv.microbatch in {"stack", "rowwise"}
+    batcher = MicroBatcher(predict_matrix, max_size=16, max_delay_ms=1000)
+    P = rows(100)
+    answers = gather(batcher, lv, P)
+    assert batcher.batches < len(P)  # rows really were gathered...
+    assert batcher.rows == len(P)
+    for i, got in enumerate(answers):  # ...and each answer is its one-row answer, bit for bit
+        proba = est.predict_proba(P[i:i + 1])[0]
+        assert got["prediction"] == est.predict(P[i:i + 1])[0]
+        assert list(got["probabilities"].values()) == proba.tolist()
+        assert got == predict_matrix(lv, P[i:i + 1])[0]
+
+
+def test_batches_never_exceed_max_size() -> None:
+    X, y = load_iris(return_X_y=True)
+    lv = loaded(RandomForestClassifier(n_estimators=5, random_state=0).fit(X, y))
+    seen: list[int] = []
+
+    def predict(lv: LoadedVersion, X: np.ndarray, rowwise: bool) -> list[dict[str, Any]]:
+        seen.append(len(X))
+        return predict_matrix(lv, X, rowwise)
+
+    batcher = MicroBatcher(predict, max_size=4, max_delay_ms=1000)
+    gather(batcher, lv, rows(10))
+    assert sum(seen) == 10 and max(seen) == 4
+
+
+def test_a_failing_row_fails_only_itself() -> None:
+    X, y = load_iris(return_X_y=True)
+    lr = LogisticRegression(max_iter=1000).fit(X, y)
+    lv = loaded(lr)
+    P = rows(12)
+    P[5] = 1e308  # finite input, but the model's scores overflow: the output check refuses it
+    batcher = MicroBatcher(predict_matrix, max_size=32, max_delay_ms=1000)
+    answers = gather(batcher, lv, P)
+    assert isinstance(answers[5], ValueError)
+    for i, got in enumerate(answers):
+        if i != 5:
+            assert got == predict_matrix(lv, P[i:i + 1])[0]
+    assert batcher.batches == 1  # they were in one batch, whose call failed, then went alone
+
+
+def test_unbatchable_versions_go_alone(registry: ModelRegistry) -> None:
+    off = replace(registry.resolve("iris", "1"), microbatch="off")
+    calls: list[int] = []
+
+    def predict(lv: LoadedVersion, X: np.ndarray, rowwise: bool) -> list[dict[str, Any]]:
+        calls.append(len(X))
+        return predict_matrix(lv, X, rowwise)
+
+    gather(MicroBatcher(predict, max_size=8, max_delay_ms=1000), off, rows(6))
+    assert calls == [1] * 6
+
+
+def test_dataplane_batches_only_one_row_requests(registry: ModelRegistry) -> None:
+    calls: list[int] = []
+
+    def predict(lv: LoadedVersion, X: np.ndarray, rowwise: bool) -> list[dict[str, Any]]:
+        calls.append(len(X))
+        return predict_matrix(lv, X, rowwise)
+
+    plane = DataPlane(registry, batcher=MicroBatcher(predict, max_size=8, max_delay_ms=1000))
+    out = plane.predict("iris", "2", rows(3).tolist(), ["instances"])
+    assert len(out.results) == 3 and calls == []  # a batch request goes straight to the model
+    plane.predict("iris", "2", [rows(1)[0].tolist()], ["features"])
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_big_matrices_in_chunks_give_the_whole_calls_answers(registry: ModelRegistry,
+                                                             version: str) -> None:
+    lv = registry.resolve("iris", version)
+    X = rows(101)  # chunks of 10 would leave one row alone: it joins the chunk before
+    chunked = DataPlane(registry, chunk_rows=10)._call(lv, X, ["instances"])
+    assert chunked == predict_matrix(lv, X)
+
+
+def test_model_time_over_the_limit_is_504_at_a_chunk_boundary(registry: ModelRegistry) -> None:
+    plane = DataPlane(registry, chunk_rows=10, model_timeout=1e-9)
+    with pytest.raises(ApiError) as err:
+        plane.predict("iris", "2", rows(50).tolist(), ["instances"])
+    assert err.value.status == 504 and err.value.code == "model_timeout"
+    assert "10 of 50 rows" in err.value.message
+    assert len(DataPlane(registry, chunk_rows=10).predict("iris", "2", rows(50).tolist(),
+                                                          ["instances"]).results) == 50
