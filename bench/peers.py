@@ -93,6 +93,7 @@ KINDS = {  # server kind -> as printed
     "bare": "bare Flask+gevent",
     "ours": "ours (cache off)",
     "nobatch": "ours, no micro-batch",
+    "onnx": "ours, ONNX backend",
     "batch": "ours /predict/batch",
     "memory": "ours memory-cache hit",
     "fastapi": "guides' FastAPI",
@@ -135,6 +136,8 @@ def make_targets(with_fastapi: bool, with_mlserver: bool) -> list[PeerTarget]:
         targets.append(PeerTarget("ours", "ours", v, "/predict", f"predict-v{v}.lua"))
         targets.append(PeerTarget("nobatch", "nobatch", v, "/predict", f"predict-v{v}.lua"))
         targets.append(PeerTarget("batch", "ours", v, "/predict/batch", f"batch-v{v}.lua"))
+        if v == "2":  # the opt-in ONNX backend: it pays off for forests, not for LR
+            targets.append(PeerTarget("onnx", "onnx", v, "/predict", f"predict-v{v}.lua"))
         targets.append(PeerTarget("memory", "memory", v, "/predict", f"hit-v{v}.lua"))
         if with_fastapi:
             targets.append(PeerTarget("fastapi", f"fastapi-{v}", v, "/predict",
@@ -437,11 +440,27 @@ def check_answers(servers: dict[str, Peer], targets: list[PeerTarget], rows: np.
                                               "features": row}))
                 got_class = body["prediction"]
                 got_proba = list(body["probabilities"].values())
+            atol = 1e-6 if t.kind == "onnx" else 1e-12  # what the ONNX backend promises
             if got_class != want_class[i] or not np.allclose(got_proba, want_proba[i],
-                                                             rtol=0, atol=1e-12):
+                                                             rtol=0, atol=atol):
                 raise RuntimeError(f"{t.name} {t.model}: row {row} answered {got_class} "
                                    f"{got_proba}, the estimator {want_class[i]} "
                                    f"{want_proba[i].tolist()}")
+
+
+def onnx_repository(models: Path, into: Path) -> Path | None:
+    """A copy of the demo repository whose forest (iris v2) opts in to the ONNX backend;
+    None when the optional packages are not installed."""
+    try:
+        import onnxruntime  # noqa: F401
+        import skl2onnx  # noqa: F401
+    except ImportError:
+        return None
+    shutil.copytree(models, into)
+    meta_path = into / "iris" / "2" / "metadata.json"
+    meta = orjson.loads(meta_path.read_bytes())
+    meta_path.write_bytes(orjson.dumps(meta | {"backend": "onnx"}))
+    return into
 
 
 # --- Memory -----------------------------------------------------------------------------------
@@ -708,6 +727,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         held: dict[str, list[str]] = {"bare": [], "ours": list(sizes), "memory": list(sizes),
                                       "nobatch": list(sizes)}
+        onnx_models = onnx_repository(models, work / "models-onnx")
+        if onnx_models is not None:
+            servers["onnx"] = Peer("onnx", work, "wsgi:app",
+                                   {"MODEL_DIR": str(onnx_models), "CACHE": "off"})
+            held["onnx"] = list(sizes)
+        else:
+            notes["onnx"] = "left out: onnxruntime/skl2onnx not installed " \
+                            "(pip install -r requirements-onnx.txt)"
         if not fastapi_why:
             for v in MODELS:
                 servers[f"fastapi-{v}"] = uvicorn(f"fastapi-{v}", work,
@@ -717,7 +744,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, batching in (("mlserver", False), ("mlserver-batch", True)):
                 servers[name] = mlserver(name, work, models, venv, batching)
                 held[name] = iris
-        targets = make_targets(not fastapi_why, venv is not None)
+        targets = [t for t in make_targets(not fastapi_why, venv is not None)
+                   if t.server in servers or t.server.startswith(("fastapi", "mlserver"))]
         # A 1,000-row batch is measured at the lowest connection count only: it is about
         # rows/s against the in-process model, not about concurrency.
         measurements = {(t, c): PeerMeasurement(t, c) for c in args.connections
@@ -743,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
                     for v in MODELS:
                         server.wait_until_up(urllib.request.Request(
                             f"{server.url}/v2/models/iris-v{v}/ready"), timeout=300)
-                elif name in ("ours", "memory", "nobatch"):
+                elif name in ("ours", "memory", "nobatch", "onnx"):
                     server.wait_until_up(urllib.request.Request(server.url + "/ready"))
                 else:
                     server.wait_until_up(post(server.url + "/predict", probe), timeout=120)
