@@ -4,6 +4,7 @@ environment (BIND, WORKERS, ...) or on the command line."""
 import os
 import shutil
 import tempfile
+import time
 
 # --- Socket -------------------------------------------------------------------------------
 # Where to listen; the API contract's BIND variable.
@@ -16,10 +17,30 @@ reuse_port = os.environ.get("REUSE_PORT", "1") not in ("0", "false", "no")
 backlog = int(os.environ.get("BACKLOG", "2048"))
 
 # --- Workers ------------------------------------------------------------------------------
-# Processes; each holds its own copy of the models and its own cache/Redis pool.
-workers = int(os.environ.get("WORKERS", "2"))
+
+
+def _cores():
+    """CPUs this server may use: its affinity mask, capped by a cgroup v2 CPU quota (what
+    `docker run --cpus` and Kubernetes CPU limits set)."""
+    count = len(os.sched_getaffinity(0))
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return count
+
+
+# Processes; each holds its own copy of the models and its own cache/Redis pool. Default:
+# one per CPU. A predict is CPU work, so one gevent worker keeps one core busy; more workers
+# than cores only add memory (~160 MB each) and context switches, fewer leave cores idle.
+workers = int(os.environ.get("WORKERS") or _cores())
 # gevent: one greenlet per connection, so SSE streams and WebSockets don't pin a process.
-worker_class = "gevent"
+# server/worker.py is gunicorn's gevent worker plus a client socket timeout (below), a real
+# "Connection: close" while draining, and listeners handed from old to new workers on SIGHUP.
+worker_class = "server.worker.GeventWorker"
 # Most simultaneous connections per worker.
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
 # Each worker builds its own app after fork: no Redis socket or thread crosses a fork.
@@ -33,8 +54,13 @@ graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "30"))
 # After SIGTERM a worker keeps serving this long with /ready answering 503 (and closing
 # keep-alive connections), so a balancer stops sending before it stops accepting.
 drain_seconds = float(os.environ.get("DRAIN_SECONDS", "3"))
-# Idle keep-alive connections are closed after this many seconds.
+# Idle keep-alive connections are closed after this many seconds. gunicorn's gevent worker
+# also bounds the read of each request head by it: a client dripping its headers byte by
+# byte (slowloris) is cut off after KEEPALIVE seconds in all.
 keepalive = int(os.environ.get("KEEPALIVE", "5"))
+# A client silent this long while we read its body, or not reading while we write, is
+# disconnected (408 when a body stalls). WebSockets are exempt. Keep it above KEEPALIVE.
+client_timeout = float(os.environ.get("CLIENT_TIMEOUT_SECONDS", "30"))
 
 # --- Control ------------------------------------------------------------------------------
 # gunicorn 25+ opens a control socket at a fixed path; two servers on one host would collide.
@@ -85,23 +111,59 @@ def pre_request(worker, req):
     gevent.sleep(0)
 
 
+def _workers_dir():
+    path = os.path.join(os.environ["RUNTIME_DIR"], "workers")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def on_reload(server):
+    """SIGHUP: gunicorn forks a new generation of workers and at once sends SIGTERM to the old
+    one, seconds before the new workers have loaded the app. Note who is old, so that each old
+    worker serves on until a new one has taken over its listeners (see post_worker_init)."""
+    with open(os.path.join(_workers_dir(), "reload"), "w") as f:
+        f.write(str(server.worker_age))
+
+
+def _replaced_by_reload(age):
+    try:
+        with open(os.path.join(_workers_dir(), "reload")) as f:
+            return age <= int(f.read())
+    except (OSError, ValueError):
+        return False  # never reloaded: a plain shutdown
+
+
 def post_worker_init(worker):
-    """SIGTERM: drain first (/ready 503, connections closed after each answer), then let
-    gunicorn stop accepting and finish what is in flight within graceful_timeout."""
+    """On SIGTERM: when a SIGHUP replaced this worker, serve on until a new worker has taken
+    over its listeners (server/worker.py; a second SIGTERM cuts that short); then drain
+    (/ready 503, connections closed after each answer); then let gunicorn stop accepting and
+    finish what is in flight within graceful_timeout."""
     import signal
 
     import gevent
 
+    worker.client_timeout = client_timeout
+    worker.handoff_dir = _workers_dir()
     state = worker.wsgi.extensions.get("model_server")
     stop = worker.handle_exit
+    terms = []
 
-    def on_term(sig, frame):
+    def retire(sig, frame):
+        if _replaced_by_reload(worker.age):
+            # A worker that boots for longer than `timeout` is killed by the master anyway.
+            deadline = time.monotonic() + timeout
+            worker.offer_listeners(lambda: len(terms) == 1 and time.monotonic() < deadline)
         if state is not None:
             state.draining = True
+        worker.draining = True
         if drain_seconds > 0:
-            gevent.spawn_later(drain_seconds, stop, sig, frame)
-        else:
-            stop(sig, frame)
+            gevent.sleep(drain_seconds)
+        stop(sig, frame)
+
+    def on_term(sig, frame):
+        terms.append(sig)
+        if len(terms) == 1:
+            gevent.spawn(retire, sig, frame)
 
     signal.signal(signal.SIGTERM, on_term)
 

@@ -13,11 +13,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 import orjson
 import pydantic_core
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Request, Response, current_app, g, request
 from pydantic import BaseModel, ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from server import metrics, streaming
 from server.config import Settings
@@ -77,6 +78,78 @@ def request_id() -> str:
     return g.get("request_id", "")
 
 
+# Every byte that neither opens, closes nor quotes anything; dropped before counting depth.
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
+
+
+def json_too_deep(body: bytes, limit: int) -> bool:
+    """Whether arrays and objects in a JSON document nest deeper than ``limit``, without
+    parsing it: a few C-speed passes over the bytes (about 45 us for a 64 KB batch, some 5%
+    of its parse). Malformed JSON gets some answer; the parser refuses it anyway."""
+    if b"\\" in body:
+        # Pairs first: in a run of backslashes, \" is left exactly when the quote is escaped.
+        body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    marks = body.translate(None, _NOT_STRUCTURE)
+    if len(marks) <= limit:
+        return False
+    # Adjacent quotes are the strings holding no bracket; if any quote is left, some string
+    # holds brackets: keep only what lies between strings.
+    brackets = marks.replace(b'""', b"")
+    if b'"' in brackets:
+        brackets = b"".join(marks.split(b'"')[::2])
+    if len(brackets) <= limit:
+        return False
+    # '[' and '{' have bit 1 set, ']' and '}' do not: each byte steps the depth by +1 or -1.
+    steps = (np.frombuffer(brackets, np.int8) & 2) - 1
+    return int(np.cumsum(steps, dtype=np.int64).max(initial=0)) > limit
+
+
+class BodyRequest(Request):
+    """Reads a whole body the same way for every view that calls ``get_data``: a chunked body
+    cut at the size limit is refused (413), a client that stalls mid-body gets 408, and a body
+    read as JSON that nests deeper than MAX_JSON_DEPTH is refused (400) before any parser or
+    validator recurses into it. Streamed bodies (CSV, training data) use ``request.stream``."""
+
+    _depth_checked = False
+
+    def get_data(  # type: ignore[override]
+        self, cache: bool = True, as_text: bool = False, parse_form_data: bool = False
+    ) -> bytes | str:
+        if as_text:
+            return super().get_data(cache, True, parse_form_data)
+        try:
+            body = super().get_data(cache, False, parse_form_data)
+        except ClientDisconnected as exc:
+            # The client socket's read timeout (CLIENT_TIMEOUT_SECONDS) fired mid-body.
+            if isinstance(exc.__context__, TimeoutError):
+                raise ApiError(408, "request_timeout",
+                               "the client stopped sending its request body") from exc
+            raise
+        limit = self.max_content_length
+        if self.content_length is None and limit is not None and len(body) >= limit:
+            # A chunked body is cut at the limit rather than refused: refuse it ourselves.
+            raise ApiError(413, "body_too_large", f"request body larger than {limit} bytes")
+        json_part = None if self._depth_checked else self._json_part(body)
+        self._depth_checked = True
+        if json_part is not None:
+            depth = state().settings.max_json_depth
+            if json_too_deep(json_part, depth):
+                raise ApiError(400, "bad_json", f"JSON nested deeper than {depth} levels "
+                               "(MAX_JSON_DEPTH)")
+        return body
+
+    def _json_part(self, body: bytes) -> bytes | None:
+        """What views will parse as JSON: the head of a binary tensor request (Open Inference
+        Protocol), else a body sent as JSON or without a Content-Type; None for the rest."""
+        size = self.headers.get("Inference-Header-Content-Length", "")
+        if size.isdigit():
+            return body[: int(size)]
+        mimetype = self.mimetype
+        if not mimetype or mimetype == "application/json" or mimetype.endswith("+json"):
+            return body
+        return None
+
+
 def read_json() -> Any:
     """The request body parsed as JSON (NaN and Infinity parse so they can be refused as 422)."""
     mimetype = request.mimetype
@@ -84,10 +157,6 @@ def read_json() -> Any:
         raise ApiError(415, "unsupported_media_type",
                        f"expected application/json, got {mimetype}")
     body = request.get_data(cache=False)
-    limit = state().settings.max_body_bytes
-    if request.content_length is None and len(body) >= limit:
-        # A chunked body is cut at the limit rather than refused: refuse it ourselves.
-        raise ApiError(413, "body_too_large", f"request body larger than {limit} bytes")
     if not body.strip():
         raise ApiError(400, "empty_body", "request body is empty: send a JSON object")
     try:
@@ -255,7 +324,8 @@ def _error_response(err: ApiError) -> Response:
 
 
 def install(app: Flask) -> None:
-    """Request ids, access log and error handlers."""
+    """Request ids, access log, body reading and error handlers."""
+    app.request_class = BodyRequest
 
     @app.before_request
     def _start() -> None:

@@ -1,0 +1,149 @@
+"""The gunicorn worker class: gunicorn's gevent worker with three fixes for slow clients and
+for restarts (``worker_class = "server.worker.GeventWorker"`` in gunicorn.conf.py).
+
+- Client sockets get a read/write timeout (CLIENT_TIMEOUT_SECONDS). The stock gevent worker
+  puts them in blocking mode with no timeout: a request head is bounded by KEEPALIVE (gunicorn
+  wraps its parse in a gevent.Timeout), but a client that sends its headers and then stalls
+  mid-body, or stops reading a response, held its connection slot for ever. WebSockets are
+  exempt: an idle socket is their normal state.
+- While draining (SIGTERM, see gunicorn.conf.py) every response closes its connection. An
+  application's own ``Connection: close`` header is hop-by-hop and gunicorn drops it, so this
+  has to be done here for keep-alive clients to move to another worker.
+- SIGHUP hands each old worker's listeners over to a new worker (see ``offer_listeners``).
+  gunicorn forks the new workers and at once sends SIGTERM to the old ones, seconds before
+  the new ones have loaded the app, and with REUSE_PORT each worker has its own listener,
+  opened right after the fork. So, stock: the new workers' listeners took a share of the new
+  connections while they could not answer yet (measured: 10 s client timeouts), and the old
+  workers' listeners, when closed, reset the connections queued on them. Here a new worker
+  closes its early listener at once; when its app is loaded it takes the listener of an old
+  worker (the same kernel socket, passed over a Unix socket) and serves it alongside the old
+  worker, which then drains and exits. The socket outlives the old worker, so nothing queued
+  on it is lost. Without a listener to take over (first start, a crashed worker's
+  replacement) a worker opens its own.
+
+Imported by the gunicorn master to find the class, so it imports nothing of the app.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from gunicorn.sock import create_sockets
+from gunicorn.workers.base_async import AsyncWorker
+from gunicorn.workers.ggevent import GeventWorker as StockGeventWorker
+
+
+def is_websocket(req: Any) -> bool:
+    return any(name == "UPGRADE" and value.strip().lower() == "websocket"
+               for name, value in req.headers)
+
+
+class GeventWorker(StockGeventWorker):  # type: ignore[misc]
+    # Set by gunicorn.conf.py's post_worker_init: the client socket timeout, and the folder
+    # (in RUNTIME_DIR) where retiring workers offer their listeners.
+    client_timeout: float | None = None
+    handoff_dir = ""
+    draining = False  # set by the SIGTERM handler in gunicorn.conf.py
+    listen_late = False
+    sockets: list[Any]
+
+    def init_process(self) -> None:
+        if self.cfg.reuse_port and self.sockets:
+            for listener in self.sockets:
+                listener.close()
+            self.sockets = []
+            self.listen_late = True
+        super().init_process()
+
+    def run(self) -> None:
+        taken = self.take_over() if self.alive else []
+        if self.listen_late:
+            self.sockets = taken or [
+                socket.socket(s.FAMILY, socket.SOCK_STREAM, fileno=s.sock.detach())
+                for s in create_sockets(self.cfg, self.log)]
+        else:
+            for listener in taken:  # listeners shared through the master: we hold them
+                listener.close()
+        super().run()
+
+    def offer_listeners(self, keep_waiting: Callable[[], bool]) -> bool:
+        """Offer this worker's listeners to a worker that replaces it, and wait until one has
+        taken them (True) or ``keep_waiting()`` turns False."""
+        path = os.path.join(self.handoff_dir, f"offer-{self.pid}")
+        try:
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server.bind(path)
+        except OSError as exc:
+            self.log.warning("cannot offer listeners at %s: %s", path, exc)
+            return False
+        try:
+            server.listen(1)
+            server.settimeout(0.2)
+            while keep_waiting():
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    conn.settimeout(5)
+                    socket.send_fds(conn, [b"L"], [s.fileno() for s in self.sockets])
+                    if conn.recv(1) == b"k":
+                        return True
+            return False
+        except OSError as exc:
+            self.log.warning("listener hand-over failed: %s", exc)
+            return False
+        finally:
+            server.close()
+            try:
+                os.unlink(path)  # still there when nobody took the offer
+            except FileNotFoundError:
+                pass
+
+    def take_over(self) -> list[Any]:
+        """The listeners offered by a worker this one replaces, or [] without an offer."""
+        folder = self.handoff_dir
+        names = sorted(os.listdir(folder)) if folder and os.path.isdir(folder) else []
+        for name in names:
+            if not name.startswith("offer-") or ".taken" in name:
+                continue
+            claimed = os.path.join(folder, f"{name}.taken-{self.pid}")
+            try:
+                os.rename(os.path.join(folder, name), claimed)  # atomic: one taker per offer
+            except OSError:
+                continue
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                    conn.settimeout(5)
+                    conn.connect(claimed)
+                    _, fds, _, _ = socket.recv_fds(conn, 1, 16)
+                    conn.sendall(b"k")
+            except OSError as exc:
+                self.log.warning("could not take over the listeners of %s: %s", name, exc)
+                continue
+            finally:
+                os.unlink(claimed)
+            self.log.info("took over the listeners of worker %s", name[len("offer-"):])
+            return [socket.socket(fileno=fd) for fd in fds]
+        return []
+
+    def handle(self, listener: Any, client: Any, addr: Any) -> None:
+        # The stock handle() only calls client.setblocking(1), i.e. no timeout at all.
+        client.settimeout(self.client_timeout or None)
+        AsyncWorker.handle(self, listener, client, addr)
+
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
+        if is_websocket(req):
+            sock.settimeout(None)
+        if self.draining:
+            req.must_close = True  # gunicorn answers "Connection: close" and closes after
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        except TimeoutError:
+            # The client stopped reading our answer: close it quietly (gunicorn would log a
+            # stack trace for a socket error without an errno).
+            self.log.debug("client timed out: %s", addr)
+            raise StopIteration() from None
