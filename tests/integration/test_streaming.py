@@ -273,7 +273,9 @@ def test_websocket_bad_messages_keep_the_socket_open(stream_server: LiveServer) 
         for bad, code in [("not json", "bad_json"), ('{"features": [1, 2], "id": 7}',
                                                       "validation_error"),
                           ('{"model": "ghost", "features": [1], "id": "g"}', "model_not_found"),
-                          ('{"model": "iris", "features": [1, NaN, 3, 4]}', "validation_error")]:
+                          ('{"model": "iris", "features": [1, NaN, 3, 4]}', "validation_error"),
+                          ('{"model": "iris", "features": ' + "[" * 40 + "]" * 40 + "}",
+                           "bad_json")]:
             ws.send(bad)
             answer = json.loads(ws.receive(timeout=5))
             assert answer["code"] == code and answer["error"]
