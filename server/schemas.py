@@ -33,8 +33,11 @@ def _version(value: Any) -> Any:
 
 
 # ``json_schema_input_type`` only tells the OpenAPI document what is accepted; it validates nothing.
+# Written ``str | int | None``, not ``Optional[Union[str, int]]``: typing caches unions by
+# equality, so a ``Union[int, str]`` made earlier by any other module came back instead and
+# flipped the order in the document, which then depended on what the process imported first.
 Version = Annotated[Optional[str],
-                    BeforeValidator(_version, json_schema_input_type=Optional[Union[str, int]])]
+                    BeforeValidator(_version, json_schema_input_type=str | int | None)]
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 

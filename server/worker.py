@@ -1,5 +1,5 @@
-"""The gunicorn worker class: gunicorn's gevent worker with three fixes for slow clients and
-for restarts (``worker_class = "server.worker.GeventWorker"`` in gunicorn.conf.py).
+"""The gunicorn worker class: gunicorn's gevent worker with fixes for slow clients, restarts
+and killed instances (``worker_class = "server.worker.GeventWorker"`` in gunicorn.conf.py).
 
 - Client sockets get a read/write timeout (CLIENT_TIMEOUT_SECONDS). The stock gevent worker
   puts them in blocking mode with no timeout: a request head is bounded by KEEPALIVE (gunicorn
@@ -20,6 +20,9 @@ for restarts (``worker_class = "server.worker.GeventWorker"`` in gunicorn.conf.p
   worker, which then drains and exits. The socket outlives the old worker, so nothing queued
   on it is lost. Without a listener to take over (first start, a crashed worker's
   replacement) a worker opens its own.
+- A response's status line and headers go out in the same write as its first body bytes
+  (``CoalescingResponse``), so a worker killed mid-response never leaves a proxy holding a
+  header it can neither complete nor retry.
 
 Imported by the gunicorn master to find the class, so it imports nothing of the app.
 """
@@ -31,6 +34,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from gunicorn.http import wsgi as gwsgi
 from gunicorn.sock import create_sockets
 from gunicorn.workers.base_async import AsyncWorker
 from gunicorn.workers.ggevent import GeventWorker as StockGeventWorker
@@ -39,6 +43,54 @@ from gunicorn.workers.ggevent import GeventWorker as StockGeventWorker
 def is_websocket(req: Any) -> bool:
     return any(name == "UPGRADE" and value.strip().lower() == "websocket"
                for name, value in req.headers)
+
+
+class CoalescingResponse(gwsgi.Response):  # type: ignore[misc]
+    """gunicorn's response, sending its status line and headers in the same write as the
+    first body bytes (gunicorn sends them with two). A worker killed between the two writes
+    left a proxy holding a 200 header with no body, which it can't retry on another instance
+    (seen in tests/integration/test_scaleout.py: one request in 4 of 12 kill -9 runs). As one
+    write, a small response is either all in the kernel's hands or not sent at all. Streams
+    (chunked, or no Content-Length) send their headers at once, as before."""
+
+    _head: bytes | None = None
+    headers_sent: bool
+    chunked: bool
+    response_length: int | None
+
+    def send_headers(self) -> None:
+        if self.headers_sent:
+            return
+        if self.chunked or self.response_length is None:
+            super().send_headers()  # a stream: its client wants the headers at once
+            return
+        lines = self.default_headers()
+        lines.extend(f"{k}: {v}\r\n" for k, v in self.headers)
+        self._head = ("".join(lines) + "\r\n").encode("latin-1")
+        self.headers_sent = True
+
+    def flush_head(self) -> None:
+        head, self._head = self._head, None
+        if head:
+            self.sock.sendall(head)
+
+    def _emit_body(self, data: bytes) -> None:
+        head, self._head = self._head, None
+        if head is None:
+            super()._emit_body(data)
+            return
+        self.sock.sendall(head + data)
+
+    def sendfile(self, respiter: Any) -> Any:
+        self.send_headers()
+        self.flush_head()
+        return super().sendfile(respiter)
+
+    def close(self) -> None:
+        # A response with no body bytes (HEAD, OPTIONS, 204, 304) never called write().
+        self.send_headers()
+        self.flush_head()
+        super().close()
 
 
 class GeventWorker(StockGeventWorker):  # type: ignore[misc]
@@ -51,6 +103,7 @@ class GeventWorker(StockGeventWorker):  # type: ignore[misc]
     sockets: list[Any]
 
     def init_process(self) -> None:
+        gwsgi.Response = CoalescingResponse  # in this worker process only
         if self.cfg.reuse_port and self.sockets:
             for listener in self.sockets:
                 listener.close()

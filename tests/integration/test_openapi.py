@@ -76,7 +76,19 @@ def test_served_document_is_valid_openapi_31(live_server: LiveServer) -> None:
     served = resp.json()
     OpenAPIV31SpecValidator(served).validate()
     assert served["openapi"] == "3.1.0"
-    assert served == DOCUMENT
+    assert served == DOCUMENT, differences(served, DOCUMENT)
+
+
+def differences(a: Any, b: Any, path: str = "") -> list[str]:
+    """Where two JSON documents differ, as paths (the first 20)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = [f"{path}/{k}: only on one side" for k in set(a) ^ set(b)]
+        for k in set(a) & set(b):
+            out += differences(a[k], b[k], f"{path}/{k}")
+        return out[:20]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}/{i}")]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"[:300]]
 
 
 def test_bodies_come_from_the_pydantic_models() -> None:
