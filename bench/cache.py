@@ -43,6 +43,7 @@ from bench.core import (
     ROOT,
     Measurement,
     Server,
+    TargetT,
     WrkRun,
     _terminate,
     free_port,
@@ -100,9 +101,10 @@ TARGETS = make_targets()
 
 
 @dataclass
-class CacheMeasurement(Measurement[CacheTarget]):
+class LookupMeasurement(Measurement[TargetT]):
     """core's best-of-rounds plus, per round, the hits and misses the workers counted
-    (None when a worker's /status could not be read before and after)."""
+    (None when a worker's /status could not be read before and after). bench.peers uses it
+    for its cache-hit target too."""
 
     lookups: list[dict[str, int] | None] = field(default_factory=list)
 
@@ -115,6 +117,9 @@ class CacheMeasurement(Measurement[CacheTarget]):
         hits = sum(x["hits"] for x in known)
         total = hits + sum(x["misses"] for x in known)
         return hits / total if total else None
+
+
+CacheMeasurement = LookupMeasurement[CacheTarget]
 
 
 # --- Load generation ------------------------------------------------------------------------

@@ -475,12 +475,19 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # run the finally blocks: no gunicorn is left behind
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def ready_to_load() -> bool:
+    """wrk is installed (else say so), and SIGTERM will stop every server we started."""
     if shutil.which("wrk") is None:
         print("wrk not found: install it with `apt-get install wrk`", file=sys.stderr)
-        return 2
+        return False
     signal.signal(signal.SIGTERM, _terminate)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not ready_to_load():
+        return 2
 
     with tempfile.TemporaryDirectory(prefix="bench-core-") as tmp:
         work = Path(tmp)

@@ -42,7 +42,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ import joblib
 import numpy as np
 import orjson
 
-from bench.cache import cache_counters, hit_note, lookups_between
+from bench.cache import LookupMeasurement, cache_counters, hit_note, lookups_between
 from bench.cache import write_scripts as write_cache_scripts
 from bench.core import (
     BATCH_BODIES,
@@ -58,10 +58,8 @@ from bench.core import (
     RESULTS_DIR,
     ROOT,
     SINGLE_ROWS,
-    Measurement,
     Server,
     WrkRun,
-    _terminate,
     clean_environ,
     free_port,
     in_process_rows_per_s,
@@ -73,6 +71,7 @@ from bench.core import (
     parsed,
     post,
     progress,
+    ready_to_load,
     run_wrk,
     show_logs,
 )
@@ -149,20 +148,8 @@ def make_targets(with_fastapi: bool, with_mlserver: bool) -> list[PeerTarget]:
     return targets
 
 
-@dataclass
-class PeerMeasurement(Measurement[PeerTarget]):
-    """core's best-of-rounds; for the cache-hit path also the hits/misses per round."""
-
-    lookups: list[dict[str, int] | None] = field(default_factory=list)
-
-    @property
-    def hit_ratio(self) -> float | None:
-        known = [x for x in self.lookups if x is not None]
-        if not known or len(known) != len(self.lookups):
-            return None
-        hits = sum(x["hits"] for x in known)
-        total = hits + sum(x["misses"] for x in known)
-        return hits / total if total else None
+# core's best-of-rounds; for the cache-hit path also the hits/misses per round.
+PeerMeasurement = LookupMeasurement[PeerTarget]
 
 
 def v2_body(row: list[float]) -> bytes:
@@ -686,10 +673,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if shutil.which("wrk") is None:
-        print("wrk not found: install it with `apt-get install wrk`", file=sys.stderr)
+    if not ready_to_load():
         return 2
-    signal.signal(signal.SIGTERM, _terminate)
     loadavg = os.getloadavg()
 
     notes: dict[str, str] = {}
