@@ -56,7 +56,7 @@ from bench.core import (
     post,
     progress,
     run_wrk,
-    show_logs,
+    serving,
     stop_process,
 )
 from server.demo import write_demo
@@ -425,7 +425,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_wrk(servers[t.server].url + "/predict", work / t.script, connections,
                            seconds, args.timeout, extra)
 
-        try:
+        def redis_log() -> None:
+            progress(f"--- redis-server log (tail) ---\n{store.log_tail()}")
+
+        with serving(servers, redis_log, store.stop):
             progress(f"starting redis-server on port {store.port}")
             store.start()  # before our servers: the Redis one checks it at start
             for server in servers.values():
@@ -465,14 +468,6 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{run.requests_per_s:.0f} req/s, p99 {ms(run.p99_ms)} ms, "
                                  f"{run.errors} errors{note}")
             redis_stats["after"] = store.stats()
-        except BaseException:
-            show_logs(servers.values())
-            progress(f"--- redis-server log (tail) ---\n{store.log_tail()}")
-            raise
-        finally:
-            for server in servers.values():
-                server.stop()
-            store.stop()
 
     ordered = [measurements[t, c] for t in TARGETS for c in args.connections]
     settings = {"duration_s": args.duration, "connections": args.connections,

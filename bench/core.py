@@ -27,7 +27,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -461,6 +461,25 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
             proc.wait(5)
 
 
+@contextlib.contextmanager
+def serving(servers: dict[str, Any], on_failure: Callable[[], None] | None = None,
+            finally_: Callable[[], None] | None = None) -> Iterator[None]:
+    """Around a benchmark's load: after a failure the servers' log tails (and whatever
+    ``on_failure`` adds), and in every case every server stopped by PID, then ``finally_``."""
+    try:
+        yield
+    except BaseException:
+        show_logs(servers.values())
+        if on_failure is not None:
+            on_failure()
+        raise
+    finally:
+        for server in servers.values():
+            server.stop()
+        if finally_ is not None:
+            finally_()
+
+
 def show_logs(servers: Iterable[Any]) -> None:
     """After a failure: the tail of every server's log, where the cause usually is."""
     for server in servers:
@@ -507,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         measurements = {(t, c): Measurement[Target](t, c)
                         for c in args.connections for t in TARGETS}
-        try:
+        with serving(servers):
             for server in servers.values():
                 server.start()
             servers["ours"].wait_until_up(urllib.request.Request(servers["ours"].url + "/ready"))
@@ -531,12 +550,6 @@ def main(argv: list[str] | None = None) -> int:
                         progress(f"round {round_no}/{args.rounds} {t.name} c={c}: "
                                  f"{run.requests_per_s:.0f} req/s, p99 {ms(run.p99_ms)} ms, "
                                  f"{run.errors} errors")
-        except BaseException:
-            show_logs(servers.values())
-            raise
-        finally:
-            for server in servers.values():
-                server.stop()
 
     ordered = [measurements[t, c] for t in TARGETS for c in args.connections]
     settings = {"duration_s": args.duration, "connections": args.connections,

@@ -73,7 +73,7 @@ from bench.core import (
     progress,
     ready_to_load,
     run_wrk,
-    show_logs,
+    serving,
 )
 from server.demo import write_demo
 
@@ -745,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_wrk(servers[t.server].url + t.path, work / t.script, connections,
                            seconds, args.timeout)
 
-        try:
+        with serving(servers):
             progress(f"starting {len(servers)} servers: {', '.join(servers)}")
             for server in servers.values():
                 server.start()
@@ -797,12 +797,6 @@ def main(argv: list[str] | None = None) -> int:
                 progress(f"hold: {hold.requests_per_s:.0f} req/s, p99 {ms(hold.p99_ms)} ms, "
                          f"{hold.errors} errors")
             rss = rss_report(servers, held, sizes)
-        except BaseException:
-            show_logs(servers.values())
-            raise
-        finally:
-            for server in servers.values():
-                server.stop()
 
     ordered = [measurements[t, c] for t in targets for c in args.connections
                if (t, c) in measurements]

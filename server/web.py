@@ -104,6 +104,15 @@ def json_too_deep(body: bytes, limit: int) -> bool:
     return int(np.cumsum(steps, dtype=np.int64).max(initial=0)) > limit
 
 
+def refuse_deep_json(raw: bytes) -> None:
+    """400 bad_json for a JSON document nested deeper than MAX_JSON_DEPTH, before any parser
+    or validator recurses into it (request bodies and WebSocket messages alike)."""
+    depth = state().settings.max_json_depth
+    if json_too_deep(raw, depth):
+        raise ApiError(400, "bad_json", f"JSON nested deeper than {depth} levels "
+                       "(MAX_JSON_DEPTH)")
+
+
 class BodyRequest(Request):
     """Reads a whole body the same way for every view that calls ``get_data``: a chunked body
     cut at the size limit is refused (413), a client that stalls mid-body gets 408, and a body
@@ -132,10 +141,7 @@ class BodyRequest(Request):
         json_part = None if self._depth_checked else self._json_part(body)
         self._depth_checked = True
         if json_part is not None:
-            depth = state().settings.max_json_depth
-            if json_too_deep(json_part, depth):
-                raise ApiError(400, "bad_json", f"JSON nested deeper than {depth} levels "
-                               "(MAX_JSON_DEPTH)")
+            refuse_deep_json(json_part)
         return body
 
     def _json_part(self, body: bytes) -> bytes | None:

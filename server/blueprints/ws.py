@@ -14,7 +14,7 @@ from simple_websocket import ConnectionClosed
 from server import monitor
 from server.errors import ApiError
 from server.schemas import PredictRequest, error_details
-from server.web import json_too_deep, require_api_key, state
+from server.web import refuse_deep_json, require_api_key, state
 
 bp = Blueprint("ws", __name__)
 bp.before_request(require_api_key)
@@ -25,11 +25,7 @@ def _answer(message: Any) -> dict[str, Any]:
     """One message's answer; every failure becomes ``{"error", "code"}``, never a raise."""
     msg_id = None
     try:
-        depth = state().settings.max_json_depth
-        raw = message.encode() if isinstance(message, str) else message
-        if json_too_deep(raw, depth):
-            raise ApiError(400, "bad_json", f"JSON nested deeper than {depth} levels "
-                           "(MAX_JSON_DEPTH)")
+        refuse_deep_json(message.encode() if isinstance(message, str) else message)
         try:
             payload = pydantic_core.from_json(message, allow_inf_nan=True)
         except ValueError as exc:
