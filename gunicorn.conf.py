@@ -70,6 +70,8 @@ control_socket_disable = True
 # The app writes one JSON access line per request itself (with request id and model);
 # gunicorn's own lines go through the same JSON formatter.
 accesslog = None
+# gunicorn's logger, minus formatting access lines that the settings below throw away.
+logger_class = "server.worker.QuietLogger"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 logconfig_dict = {
     "version": 1,
@@ -138,10 +140,16 @@ def post_worker_init(worker):
     over its listeners (server/worker.py; a second SIGTERM cuts that short); then drain
     (/ready 503, connections closed after each answer); then let gunicorn stop accepting and
     finish what is in flight within graceful_timeout."""
+    import gc
     import signal
 
     import gevent
 
+    # Everything loaded so far (the app, its models, numpy, sklearn: ~180,000 objects) lives
+    # as long as the worker: move it out of the collector's reach. A full collection over it
+    # took ~85 ms, a pause for every request in flight; now collections see only new objects.
+    gc.collect()
+    gc.freeze()
     worker.client_timeout = client_timeout
     worker.handoff_dir = _workers_dir()
     state = worker.wsgi.extensions.get("model_server")

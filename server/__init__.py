@@ -17,8 +17,6 @@ if TYPE_CHECKING:
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build one worker's application: settings, models, cache, data plane, blueprints."""
-    from flask import Flask
-
     from server import metrics, web
     from server.batching import MicroBatcher, gevent_active
     from server.blueprints import (
@@ -48,7 +46,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     settings = settings or Settings()
     configure_logging(settings.log_level)
-    app = Flask(__name__, static_folder=None)  # the dashboard serves its own files
+    app = web.ServerApp(__name__, static_folder=None)  # the dashboard serves its own files
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
 
     registry = ModelRegistry(ModelRepository(settings.model_dir))

@@ -6,17 +6,20 @@ until the event loop has run every other ready greenlet once more without any jo
 until ``max_delay`` has passed, or until ``max_size`` rows are in; then it predicts for all.
 No request waits longer than ``max_delay`` for its batch to close.
 
-Exactness: a version is batched only when stacking rows gives, bit for bit, what each row
-gets alone (checked at load on probe rows, see ``batch_mode``). One-row calls of a
-LogisticRegression go through a matrix-vector product whose last bits differ from the
-matrix-matrix product of a batch; for those the batch computes the product row by row
-(``rowwise``) and the rest (softmax, argmax) on the whole batch, which is again checked.
+A version is batched only when that pays and changes no answer (checked at load on probe
+rows, see ``batch_mode``): stacked rows must give, bit for bit, what each row gets alone,
+and one stacked call must save each row more than gathering costs it. A one-row
+LogisticRegression call is a matrix-vector product whose last bits differ from a batch's
+matrix-matrix product, and on our own arithmetic it costs ~20 us anyway: it goes alone.
+A forest's one-row call (~300 us) is mostly fixed cost: it is batched.
 A batch whose model call fails is retried row by row, so a bad row fails only itself.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -28,31 +31,51 @@ from server.registry import LoadedVersion
 
 log = logging.getLogger(__name__)
 
-Predict = Callable[[LoadedVersion, np.ndarray, bool], list[dict[str, Any]]]
+Predict = Callable[[LoadedVersion, np.ndarray], list[dict[str, Any]]]
 
-# How the rows of one version may be batched: "stack" (one call on the stacked rows),
-# "rowwise" (one call that keeps each row's arithmetic as if alone), "off".
-MODES = ("stack", "rowwise", "off")
+# How the rows of one version are predicted: "stack" (gathered and stacked into one call)
+# or "off" (each request alone).
+MODES = ("stack", "off")
+# About what gathering costs each request of a batch (an event, a timeout, two greenlet
+# switches: ~30 us measured with py-spy under wrk); a batch must save each row more.
+MIN_GAIN_US = 50.0
 
 
 def batch_mode(lv: LoadedVersion, predict: Predict, probes: int = 32) -> LoadedVersion:
-    """Return ``lv`` with ``microbatch`` set to the first mode whose answers on probe rows
-    equal, bit for bit, those of one-row calls; "off" when none does."""
+    """Return ``lv`` with ``microbatch`` "stack" when one call on stacked probe rows answers
+    each row bit for bit as a one-row call does and saves each row at least MIN_GAIN_US;
+    else "off", with the reason in ``microbatch_note``."""
     if not lv.n_features:
-        return replace(lv, microbatch="off")
+        return replace(lv, microbatch="off", microbatch_note="unknown feature count")
     rng = np.random.default_rng(7)
     P = rng.normal(0.0, 3.0, (probes, lv.n_features))
     try:
-        alone = [predict(lv, P[i:i + 1], False)[0] for i in range(probes)]
-        if predict(lv, P, False) == alone:
-            return replace(lv, microbatch="stack")
-        if lv.scores_rowwise is not None and predict(lv, P, True) == alone:
-            return replace(lv, microbatch="rowwise")
+        alone, one_row = [], []
+        for i in range(probes):
+            t0 = time.perf_counter()
+            alone.append(predict(lv, P[i:i + 1])[0])
+            one_row.append(time.perf_counter() - t0)
+        stacked = []
+        for _ in range(2):  # the better of two: the first may pay for warming up
+            t0 = time.perf_counter()
+            together = predict(lv, P)
+            stacked.append(time.perf_counter() - t0)
     except Exception as exc:  # noqa: BLE001 - a model that fails on probes is simply not batched
         log.info("micro-batching probe failed",
                  extra={"model": lv.name, "version": lv.version,
                         "err": f"{type(exc).__name__}: {exc}"[:200]})
-    return replace(lv, microbatch="off")
+        return replace(lv, microbatch="off", microbatch_note="the probe rows failed")
+    if together != alone:
+        return replace(lv, microbatch="off", microbatch_note=(
+            "a batched call's answers differ from one-row answers (in the last bits)"))
+    single_us = statistics.median(one_row) * 1e6
+    gain_us = single_us - min(stacked) / probes * 1e6
+    if gain_us < MIN_GAIN_US:
+        return replace(lv, microbatch="off", microbatch_note=(
+            f"a one-row call costs {single_us:.0f} us; batching would save {gain_us:.0f} us "
+            f"a row, less than the {MIN_GAIN_US:.0f} us gathering costs"))
+    return replace(lv, microbatch="stack", microbatch_note=(
+        f"a one-row call costs {single_us:.0f} us; batching saves {gain_us:.0f} us a row"))
 
 
 class _Batch:
@@ -68,15 +91,14 @@ class _Batch:
         self.full = False
 
     def run(self, predict: Predict) -> None:
-        rowwise = self.lv.microbatch == "rowwise"
         X = np.vstack(self.rows) if len(self.rows) > 1 else self.rows[0]
         try:
-            self.results = [[r] for r in predict(self.lv, X, rowwise)]
+            self.results = [[r] for r in predict(self.lv, X)]
         except Exception:  # noqa: BLE001 - retried alone below: each row gets its own answer
             self.results = []
             for row in self.rows:
                 try:
-                    self.results.append(predict(self.lv, row, False))
+                    self.results.append(predict(self.lv, row))
                 except Exception as exc:  # noqa: BLE001 - this row's own error, raised to it
                     self.results.append(exc)
         metrics.MICRO_BATCH_ROWS.observe(len(self.rows))
@@ -102,7 +124,7 @@ class MicroBatcher:
     def submit(self, lv: LoadedVersion, X: np.ndarray) -> list[dict[str, Any]]:
         """Predict one row (``X`` of shape (1, n)), batched with its concurrent peers."""
         if lv.microbatch == "off":
-            return self.predict(lv, X, False)
+            return self.predict(lv, X)
         key = id(lv)
         batch = self._open.get(key)
         if batch is not None and batch.lv is lv and not batch.full:

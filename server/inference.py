@@ -73,20 +73,22 @@ def _order_named(lv: LoadedVersion, row: dict[str, float], where: list[Any]) -> 
     return [row[n] for n in index]
 
 
-def predict_matrix(lv: LoadedVersion, X: np.ndarray, rowwise: bool = False) -> list[dict[str, Any]]:
-    # Our own validation already refused NaN and infinity: skip sklearn's second check.
+def predict_matrix(lv: LoadedVersion, X: np.ndarray) -> list[dict[str, Any]]:
     # Overflow inside the model is caught by _finite below, so numpy need not warn about it.
+    if lv.scores is not None:  # our own arithmetic or an ONNX session: sklearn is not called
+        with np.errstate(all="ignore"):
+            return _predict_matrix(lv, X)
+    # Our own validation already refused NaN and infinity: skip sklearn's second check.
     with sklearn.config_context(assume_finite=True), np.errstate(all="ignore"):
-        return _predict_matrix(lv, X, rowwise)
+        return _predict_matrix(lv, X)
 
 
-def _predict_matrix(lv: LoadedVersion, X: np.ndarray, rowwise: bool) -> list[dict[str, Any]]:
+def _predict_matrix(lv: LoadedVersion, X: np.ndarray) -> list[dict[str, Any]]:
     """Call the model once for all rows; one result dict per row.
 
     ``prediction`` is the estimator's own ``predict``; ``probabilities`` its ``predict_proba``;
     ``confidence`` the probability of the predicted class. Same numbers as in-process
     (within 1e-6 on an ONNX backend, which is checked at load).
-    ``rowwise`` (micro-batches) keeps each row's arithmetic what it is in a one-row call.
     """
     predict = lv.predict_fn or lv.estimator.predict
     if lv.task != "classification" or lv.classes is None:
@@ -96,9 +98,7 @@ def _predict_matrix(lv: LoadedVersion, X: np.ndarray, rowwise: bool) -> list[dic
     classes = lv.classes
     names = lv.class_names or [str(c) for c in classes]
     proba: np.ndarray | None
-    if rowwise and lv.scores_rowwise is not None:
-        indices, proba = lv.scores_rowwise(X)
-    elif lv.scores is not None:
+    if lv.scores is not None:
         indices, proba = lv.scores(X)
     else:
         proba = lv.proba(X) if lv.proba is not None else None
@@ -170,15 +170,16 @@ class DataPlane:
             cached = 0
         else:
             results, cached = self._through_cache(lv, X, loc)
-        key = f"{lv.name}:{lv.version}"
-        metrics.PREDICTIONS.labels(lv.name, lv.version).inc(len(results))
-        metrics.BATCH_ROWS.observe(len(results))
+        count = len(results)
+        metrics.child(metrics.PREDICTIONS, lv.name, lv.version).inc(count)
+        metrics.BATCH_ROWS.observe(count)
         if self.cache.enabled:
-            metrics.CACHE.labels("hit").inc(cached)
-            metrics.CACHE.labels("miss").inc(len(results) - cached)
+            metrics.child(metrics.CACHE, "hit").inc(cached)
+            metrics.child(metrics.CACHE, "miss").inc(count - cached)
+        key = f"{lv.name}:{lv.version}"
         with self._count_lock:
-            self.predictions += len(results)
-            self.per_model[key] = self.per_model.get(key, 0) + len(results)
+            self.predictions += count
+            self.per_model[key] = self.per_model.get(key, 0) + count
         return Outcome(lv, results, cached)
 
     def _through_cache(

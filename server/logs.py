@@ -28,6 +28,54 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+class AccessLog:
+    """The access line of every request, as the JsonFormatter would write it, without the
+    logging module's per-record work (a LogRecord, the caller's frame, the formatter's scan
+    of the record): that was ~15 us of each request. It writes to the stream of the root
+    logger's JSON handler, under that handler's lock, and only while ``server.access`` is
+    enabled for INFO (LOG_LEVEL); with no such handler it goes through logging as usual."""
+
+    def __init__(self) -> None:
+        self.logger = logging.getLogger("server.access")
+        self._second = -1
+        self._stamp = ""
+
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+    def write(self, fields: dict[str, object]) -> None:
+        handler = _json_stream_handler()
+        if handler is None:
+            self.logger.info("request", extra=fields)
+            return
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        line = orjson.dumps({
+            "ts": f"{self._stamp}.{int((now - second) * 1000):03d}Z", "level": "INFO",
+            "logger": "server.access", "msg": "request", **fields,
+        }, default=str)
+        handler.acquire()
+        try:
+            handler.stream.write(line.decode() + "\n")
+            handler.flush()
+        except Exception:  # noqa: BLE001 - what logging.Handler.emit does with a broken stream
+            handler.handleError(logging.makeLogRecord({"msg": "request"}))
+        finally:
+            handler.release()
+
+
+def _json_stream_handler() -> logging.StreamHandler | None:  # type: ignore[type-arg]
+    """The root logger's StreamHandler that writes our JSON lines, if there is one."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and isinstance(handler.formatter,
+                                                                    JsonFormatter):
+            return handler
+    return None
+
+
 def configure_logging(level: str) -> None:
     """Route the root logger to stderr as JSON lines (idempotent)."""
     root = logging.getLogger()

@@ -8,6 +8,7 @@ imports prometheus_client, and removes a dead worker's files in ``child_exit``. 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -36,6 +37,23 @@ MICRO_BATCH_ROWS = Histogram("micro_batch_rows", "One-row requests per micro-bat
 LOAD_FAILURES = Counter("model_load_failures_total", "Model versions that failed to load.",
                         ["model"])
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The method label's values; anything else counts as "other" (a client must not be able to
+# create a label value per made-up method).
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+_children: dict[tuple[Any, ...], Any] = {}
+
+
+def child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, remembered: the hot path counts into the same few children
+    on every request, and ``labels()`` validates and locks each time."""
+    key = (metric, *labels)
+    found = _children.get(key)
+    if found is None:
+        if len(_children) > 10_000:  # bounded whatever label values come in
+            _children.clear()
+        found = _children[key] = metric.labels(*labels)
+    return found
 
 
 def exposition() -> bytes:

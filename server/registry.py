@@ -45,10 +45,9 @@ class LoadedVersion:
     scores: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None
     metadata: dict[str, Any]
     loaded_at: float
-    # ``scores`` computed so that each row's arithmetic is what it is in a one-row call
-    # (for micro-batches); and how this version may be micro-batched (server.batching)
-    scores_rowwise: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+    # How this version is micro-batched: "stack" or "off" (server.batching.batch_mode)
     microbatch: str = "off"
+    microbatch_note: str | None = None
     # What answers: "sklearn" (the estimator) or "onnx" (an onnxruntime session that
     # matched it at load; server.onnx_backend); why an asked-for ONNX backend is not used,
     # or what its check measured. With ONNX, ``proba`` and ``scores`` run the session and
@@ -70,6 +69,8 @@ class LoadedVersion:
             "backend": self.backend,
             "micro_batching": self.microbatch,
         }
+        if self.microbatch_note is not None:
+            out["micro_batching_note"] = self.microbatch_note
         if self.backend_note is not None:
             out["backend_note"] = self.backend_note
         if self.classes is not None:
@@ -151,7 +152,7 @@ def build_version(found: VersionOnDisk, estimator: Any, sha256: str) -> LoadedVe
         if given is not None and len(given) != len(classes):
             raise ValueError(f"metadata lists {len(given)} class names, model has {len(classes)}")
         class_names = [str(c) for c in (given if given is not None else classes)]
-    pair = _scores_functions(estimator, n_features) if classifier else None
+    scores = _scores_function(estimator, n_features) if classifier else None
     return _with_backend(LoadedVersion(
         name=found.name,
         version=found.version,
@@ -168,8 +169,7 @@ def build_version(found: VersionOnDisk, estimator: Any, sha256: str) -> LoadedVe
         predict_is_argmax_proba=classifier and _predicts_by_argmax(estimator),
         proba=_proba_function(estimator) if classifier and hasattr(estimator, "predict_proba")
         else None,
-        scores=pair[0] if pair else None,
-        scores_rowwise=pair[1] if pair else None,
+        scores=scores,
         metadata=meta,
         loaded_at=time.time(),
     ))
@@ -205,7 +205,7 @@ def _with_backend(lv: LoadedVersion) -> LoadedVersion:
         # prediction is the session's own label, equal to predict() on every probe row
         predict_is_argmax_proba=False,
         proba=model.proba if with_proba else None,
-        scores=model.scores if with_proba else None, scores_rowwise=None,
+        scores=model.scores if with_proba else None,
     )
 
 
@@ -240,18 +240,14 @@ def _proba_function(estimator: Any) -> Callable[[np.ndarray], np.ndarray]:
 Scores = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def _scores_functions(estimator: Any, n_features: int | None) -> tuple[Scores, Scores] | None:
+def _scores_function(estimator: Any, n_features: int | None) -> Scores | None:
     """For multiclass LogisticRegression (alone or last in a Pipeline): ``predict`` is the
     argmax of ``decision_function`` and ``predict_proba`` its softmax, so one decision gives
     both, saving a second input validation and matrix product per call. The arithmetic is
     sklearn's own (``X @ coef_.T + intercept_``, then its softmax; a StandardScaler head as
     ``(X - mean_) / scale_``) without its input validation, which costs more than the
     model on one row: our own checks ran already. Used only when it answers exactly like
-    the estimator on probe rows at load.
-
-    The second function is the same with the matrix product taken row by row, as a one-row
-    call does it (a matrix-vector product, whose last bits can differ from a batch's
-    matrix-matrix product): micro-batches use it, after their own check."""
+    the estimator on probe rows at load."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
 
@@ -265,13 +261,6 @@ def _scores_functions(estimator: Any, n_features: int | None) -> tuple[Scores, S
         d = (head(X) if head is not None else X) @ coef_t + intercept
         return np.argmax(d, axis=1), _softmax(d)
 
-    def scores_rowwise(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        Z = np.ascontiguousarray(head(X) if head is not None else X, dtype=np.float64)
-        d = np.empty((Z.shape[0], coef_t.shape[1]))
-        for i in range(Z.shape[0]):
-            d[i] = Z[i:i + 1] @ coef_t + intercept  # what decision_function does for one row
-        return np.argmax(d, axis=1), _softmax(d)
-
     rng = np.random.default_rng(0)
     for probe in (rng.normal(0, 3, (64, n_features)), rng.normal(0, 3, (1, n_features))):
         try:
@@ -282,7 +271,7 @@ def _scores_functions(estimator: Any, n_features: int | None) -> tuple[Scores, S
                 and np.array_equal(proba, estimator.predict_proba(probe))):
             log.warning("one-call scoring disagrees with the estimator; not used")
             return None
-    return scores, scores_rowwise
+    return scores
 
 
 def _softmax(d: np.ndarray) -> np.ndarray:

@@ -24,16 +24,22 @@ and killed instances (``worker_class = "server.worker.GeventWorker"`` in gunicor
   (``CoalescingResponse``), so a worker killed mid-response never leaves a proxy holding a
   header it can neither complete nor retry.
 
+``QuietLogger`` (``logger_class``) is gunicorn's logger minus the access line's formatting
+when nothing would print it: with a ``logconfig_dict`` gunicorn formats every request's
+access atoms and hands them to the ``gunicorn.access`` logger even when that logger is off.
+
 Imported by the gunicorn master to find the class, so it imports nothing of the app.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Callable
 from typing import Any
 
+from gunicorn import glogging
 from gunicorn.http import wsgi as gwsgi
 from gunicorn.sock import create_sockets
 from gunicorn.workers import ggevent
@@ -246,3 +252,17 @@ class GeventWorker(StockGeventWorker):  # type: ignore[misc]
             # stack trace for a socket error without an errno).
             self.log.debug("client timed out: %s", addr)
             raise StopIteration() from None
+
+
+class QuietLogger(glogging.Logger):
+    """Skips gunicorn's per-request access formatting when ``gunicorn.access`` would drop it
+    (our app writes its own JSON access line; see gunicorn.conf.py)."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        # gunicorn decides before it applies logconfig_dict, which may turn the logger off.
+        self._access_log_enabled = self._compute_access_log_enabled()
+
+    def _compute_access_log_enabled(self) -> bool:
+        return bool(super()._compute_access_log_enabled()
+                    and self.access_log.isEnabledFor(logging.INFO))

@@ -1,5 +1,6 @@
-"""Micro-batching in real gevent workers: concurrent one-row predicts are gathered into fewer
-model calls, and every answer is still the estimator's own one-row answer, to the bit."""
+"""Micro-batching in real gevent workers: concurrent one-row predicts of a forest are gathered
+into fewer model calls, and every answer, batched or not, is still the estimator's own one-row
+answer, to the bit."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def test_concurrent_one_row_predicts_are_batched_and_exact(live_server: LiveServ
     with ThreadPoolExecutor(48) as pool:
         answers = list(pool.map(ask, range(len(rows))))
     calls, batched_rows = (a - b for a, b in zip(batched_calls(live_server), before))
-    assert batched_rows == len(rows)
+    # Version 2 (the forest) is batched; version 1 (logistic regression) always goes alone.
+    assert batched_rows == len(rows) // 2
     assert calls < batched_rows, "no two concurrent requests ever shared a model call"
     models = {v: joblib.load(demo_repo / "iris" / v / "model.joblib") for v in ("1", "2")}
     for i, got in enumerate(answers):

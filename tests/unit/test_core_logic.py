@@ -161,16 +161,15 @@ def test_one_call_logistic_scores_match_predict_and_predict_proba(scaled: bool) 
     from sklearn.datasets import load_wine
     from sklearn.linear_model import LogisticRegression
 
-    from server.registry import _scores_functions
+    from server.registry import _scores_function
 
     data = load_wine()
     est = LogisticRegression(max_iter=5000)
     if scaled:
         est = make_pipeline(StandardScaler(), est)
     est.fit(data.data, data.target)
-    pair = _scores_functions(est, 13)
-    assert pair is not None
-    scores, rowwise = pair
+    scores = _scores_function(est, 13)
+    assert scores is not None
     rng = np.random.default_rng(1)
     X = data.data[rng.integers(0, len(data.data), 300)] * rng.normal(1, 0.1, (300, 13))
     idx, proba = scores(X)
@@ -179,4 +178,3 @@ def test_one_call_logistic_scores_match_predict_and_predict_proba(scaled: bool) 
     for i in range(10):
         idx, proba = scores(X[i : i + 1])
         assert np.array_equal(proba, alone[i : i + 1])
-    assert np.array_equal(rowwise(X)[1], alone)  # the micro-batch form: one-row bits

@@ -1,0 +1,75 @@
+"""The per-request shortcuts: request ids without a syscall, remembered metric children, the
+access line written without a LogRecord, and gunicorn's access formatting skipped."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from collections.abc import Iterator
+
+import orjson
+import pytest
+from gunicorn.config import Config
+
+from server import metrics
+from server.logs import AccessLog, JsonFormatter
+from server.web import new_request_id
+from server.worker import QuietLogger
+
+
+def test_request_ids_are_32_hex_and_distinct() -> None:
+    ids = [new_request_id() for _ in range(10_000)]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    assert len(set(ids)) == len(ids)
+
+
+def test_metric_children_are_remembered_and_count_as_labels_do() -> None:
+    first = metrics.child(metrics.REQUESTS, "/x", "GET", "200")
+    assert metrics.child(metrics.REQUESTS, "/x", "GET", "200") is first
+    before = first._value.get()
+    metrics.child(metrics.REQUESTS, "/x", "GET", "200").inc()
+    assert metrics.REQUESTS.labels("/x", "GET", "200")._value.get() == before + 1
+
+
+@pytest.fixture
+def json_root() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    yield stream
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_access_line_is_what_the_json_formatter_writes(json_root: io.StringIO) -> None:
+    fields = {"request_id": "r1", "status": 200, "latency_ms": 1.5, "model": None}
+    AccessLog().write(fields)
+    logging.getLogger("server.access").info("request", extra=fields)
+    fast, slow = (orjson.loads(line) for line in json_root.getvalue().splitlines())
+    assert set(fast) == set(slow)
+    assert {k: v for k, v in fast.items() if k != "ts"} == {k: v for k, v in slow.items()
+                                                          if k != "ts"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", fast["ts"])
+
+
+def test_access_line_follows_the_log_level(json_root: io.StringIO) -> None:
+    logging.getLogger().setLevel(logging.WARNING)
+    log = AccessLog()
+    assert not log.enabled()
+    logging.getLogger().setLevel(logging.INFO)
+    assert log.enabled()
+
+
+def test_gunicorn_access_formatting_is_skipped_only_when_its_logger_is_off() -> None:
+    cfg = Config()
+    cfg.set("logconfig_dict", {"version": 1, "disable_existing_loggers": False, "loggers": {
+        "gunicorn.access": {"handlers": [], "level": "CRITICAL", "propagate": False}}})
+    assert not QuietLogger(cfg).access_log_enabled
+    cfg = Config()
+    cfg.set("accesslog", "-")
+    assert QuietLogger(cfg).access_log_enabled
