@@ -52,15 +52,17 @@ def batch() -> Response:
     name, chosen = choose_target(None, req.model, None, req.version)
     outcome = state().dataplane.predict(name, chosen, req.instances, ["instances"])
     _note(outcome)
-    results = outcome.results
+    columns = outcome.columns
     body: dict[str, Any] = {
-        "model": outcome.model.name, "version": outcome.model.version, "count": len(results),
-        "predictions": [r["prediction"] for r in results],
+        "model": outcome.model.name, "version": outcome.model.version, "count": len(columns),
+        "predictions": columns.predictions,
     }
-    for column, key in (("labels", "label"), ("confidences", "confidence"),
-                        ("probabilities", "probabilities")):
-        if key in results[0]:
-            body[column] = [r[key] for r in results]
+    if columns.labels is not None:
+        body["labels"] = columns.labels
+    if columns.confidences is not None:
+        body["confidences"] = columns.confidences
+    if columns.probabilities is not None:
+        body["probabilities"] = columns.probability_maps()
     body["cached"] = outcome.cached
     body["request_id"] = request_id()
     return json_response(body)

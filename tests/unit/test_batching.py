@@ -22,14 +22,7 @@ from server.batching import MicroBatcher, batch_mode
 from server.errors import ApiError
 from server.inference import DataPlane, predict_matrix
 from server.registry import LoadedVersion, ModelRegistry, build_version
-from server.repository import ModelRepository, VersionOnDisk
-
-
-@pytest.fixture(scope="module")
-def registry(demo_repo: Path) -> ModelRegistry:
-    reg = ModelRegistry(ModelRepository(demo_repo))
-    reg.reload()
-    return reg
+from server.repository import VersionOnDisk
 
 
 def loaded(estimator: Any, min_gain_us: float | None = None) -> LoadedVersion:
@@ -191,7 +184,7 @@ def test_big_matrices_in_chunks_give_the_whole_calls_answers(registry: ModelRegi
                                                              version: str) -> None:
     lv = registry.resolve("iris", version)
     X = rows(101)  # chunks of 10 would leave one row alone: it joins the chunk before
-    chunked = DataPlane(registry, chunk_rows=10)._call(lv, X, ["instances"])
+    chunked = DataPlane(registry, chunk_rows=10)._call(lv, X, ["instances"]).rows()
     assert chunked == predict_matrix(lv, X)
 
 

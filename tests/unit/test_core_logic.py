@@ -20,13 +20,6 @@ from server.repository import ModelRepository, inside, is_valid_name, single_thr
 from server.schemas import BatchRequest, PredictRequest, error_details
 
 
-@pytest.fixture(scope="module")
-def registry(demo_repo: Path) -> ModelRegistry:
-    reg = ModelRegistry(ModelRepository(demo_repo))
-    reg.reload()
-    return reg
-
-
 @pytest.mark.parametrize(("name", "ok"), [
     ("iris", True), ("breast_cancer", True), ("m-1.2", True), ("..", False), ("a..b", False),
     (".hidden", False), ("a/b", False), ("", False), ("x" * 129, False), ("a b", False),

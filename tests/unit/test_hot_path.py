@@ -8,12 +8,16 @@ import logging
 import re
 from collections.abc import Iterator
 
+import numpy as np
 import orjson
 import pytest
 from gunicorn.config import Config
 
 from server import metrics
+from server.errors import ApiError
+from server.inference import Columns, predict_columns, to_matrix
 from server.logs import AccessLog, JsonFormatter
+from server.registry import ModelRegistry
 from server.web import new_request_id
 from server.worker import QuietLogger
 
@@ -73,3 +77,29 @@ def test_gunicorn_access_formatting_is_skipped_only_when_its_logger_is_off() -> 
     cfg = Config()
     cfg.set("accesslog", "-")
     assert QuietLogger(cfg).access_log_enabled
+
+
+@pytest.mark.parametrize(("model", "version"), [("iris", "1"), ("iris", "2"),
+                                                ("diabetes", "1"), ("breast_cancer", "1")])
+def test_columns_hold_the_per_row_answers(registry: ModelRegistry, model: str,
+                                          version: str) -> None:
+    lv = registry.resolve(model, version)
+    X = np.random.default_rng(5).normal(0.5, 1.0, (40, lv.n_features or 1))
+    columns = predict_columns(lv, X)
+    rows = columns.rows()
+    assert len(columns) == len(rows) == 40
+    assert Columns.from_rows(rows).rows() == rows
+    assert Columns.concat([predict_columns(lv, X[:15]), predict_columns(lv, X[15:])]).rows() \
+        == rows  # forests and trees give the same bits in any chunking
+    if columns.probabilities is not None:
+        assert columns.probability_maps() == [r["probabilities"] for r in rows]
+
+
+def test_list_rows_take_one_numpy_pass_and_ragged_rows_are_named(
+        registry: ModelRegistry) -> None:
+    lv = registry.resolve("iris", "1")
+    rows = [[1.0, 2.0, 3.0, 4.0], [5, 6, 7, 8]]
+    assert to_matrix(lv, rows, ["instances"]).tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    with pytest.raises(ApiError) as err:
+        to_matrix(lv, [*rows, [1.0, 2.0]], ["instances"])
+    assert err.value.status == 422 and err.value.details[0]["loc"] == ["instances", 2]
