@@ -112,4 +112,5 @@ def create_app(settings: Settings | None = None) -> Flask:
         app.register_blueprint(blueprint)
     reloader.start()
     live.start()
+    metrics.start_flushing()
     return app

@@ -30,6 +30,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def scrape_metrics(server: LiveServer) -> str:
+    """``GET /metrics`` once every worker has written what it counted: workers write their
+    increments every FLUSH_SECONDS (server.metrics), the one answering at once."""
+    from server.metrics import FLUSH_SECONDS
+
+    time.sleep(2 * FLUSH_SECONDS + 0.1)
+    return str(server.get("/metrics").text)
+
+
 def wait_until(check: Callable[[], Any], timeout: float = 20.0, every: float = 0.05) -> Any:
     """Poll ``check`` until it returns something truthy; fail the test on timeout."""
     deadline = time.monotonic() + timeout

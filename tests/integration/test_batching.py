@@ -12,12 +12,12 @@ import joblib
 import numpy as np
 import requests
 
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, scrape_metrics
 
 
 def batched_calls(server: LiveServer) -> tuple[float, float]:
     """(calls, rows) of the micro_batch_rows histogram, summed over the workers."""
-    text = server.get("/metrics").text
+    text = scrape_metrics(server)
     count = re.search(r"^micro_batch_rows_count (\S+)$", text, re.M)
     total = re.search(r"^micro_batch_rows_sum (\S+)$", text, re.M)
     return (float(count.group(1)) if count else 0.0, float(total.group(1)) if total else 0.0)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, scrape_metrics
 
 
 def sample(text: str, name: str, **labels: str) -> float:
@@ -36,9 +36,8 @@ def test_metrics_are_summed_over_workers(server_factory: Callable[..., LiveServe
     server.post("/predict/batch", json={"model": "iris", "instances": [[1, 2, 3, 4]] * 10})
     server.post("/predict/iris", json=[1, 2])
     assert len(pids) == 2
-    resp = server.get("/metrics")
-    assert resp.headers["Content-Type"].startswith("text/plain; version=")
-    text = resp.text
+    assert server.get("/metrics").headers["Content-Type"].startswith("text/plain; version=")
+    text = scrape_metrics(server)
     assert sample(text, "predictions_total", model="iris", version="2") == 50
     assert sample(text, "http_requests_total", route="/predict/<model>", method="POST",
                   status="200") == 40

@@ -103,3 +103,30 @@ def test_list_rows_take_one_numpy_pass_and_ragged_rows_are_named(
     with pytest.raises(ApiError) as err:
         to_matrix(lv, [*rows, [1.0, 2.0]], ["instances"])
     assert err.value.status == 422 and err.value.details[0]["loc"] == ["instances", 2]
+
+
+def test_metric_increments_are_written_at_flush_and_read_with_what_is_pending() -> None:
+    class Written:  # stands in for prometheus-client's mmap-backed value
+        def __init__(self) -> None:
+            self.value = 0.0
+            self.writes = 0
+
+        def inc(self, amount: float) -> None:
+            self.value += amount
+            self.writes += 1
+
+        def set(self, value: float, timestamp: float | None = None) -> None:
+            self.value = value
+
+        def get(self) -> float:
+            return self.value
+
+    deferred = metrics._deferred_value_class(Written)()
+    for _ in range(5):
+        deferred.inc(1.0)
+    deferred.inc(-1.0)
+    assert deferred.writes == 0 and deferred.get() == 4.0
+    metrics.flush()
+    assert deferred.writes == 1 and deferred.value == 4.0 and deferred.get() == 4.0
+    metrics.flush()
+    assert deferred.writes == 1  # nothing pending, nothing written
