@@ -208,20 +208,32 @@ def _finite(values: np.ndarray) -> None:
 
 class Outcome:
     """What one predict call produced, for the HTTP layer to shape: the answers as
-    ``columns`` (batch answers) or as ``results``, one dict per row (built once, on use)."""
+    ``columns`` (batch answers) or as ``results``, one dict per row; whichever was not
+    produced is derived on first use."""
 
-    def __init__(self, model: LoadedVersion, columns: Columns, cached: int,
+    def __init__(self, model: LoadedVersion, cached: int, *, columns: Columns | None = None,
                  results: list[dict[str, Any]] | None = None) -> None:
+        if columns is None and results is None:
+            raise ValueError("an outcome needs columns or results")
         self.model = model
-        self.columns = columns
         self.cached = cached
+        self._columns = columns
         self._results = results
+
+    @property
+    def columns(self) -> Columns:
+        if self._columns is None:
+            self._columns = Columns.from_rows(self._results or [])
+        return self._columns
 
     @property
     def results(self) -> list[dict[str, Any]]:
         if self._results is None:
             self._results = self.columns.rows()
         return self._results
+
+    def __len__(self) -> int:
+        return len(self._results) if self._results is not None else len(self.columns)
 
 
 class DataPlane:
@@ -249,14 +261,13 @@ class DataPlane:
 
     def predict_resolved(self, lv: LoadedVersion, X: np.ndarray, loc: list[Any]) -> Outcome:
         """Predict the rows of a matrix already built for ``lv`` (through the cache)."""
-        results: list[dict[str, Any]] | None = None
         if not self.cache.enabled:
-            columns = self._call(lv, X, loc)
-            cached = 0
+            outcome = Outcome(lv, 0, columns=self._call(lv, X, loc))
         else:
             results, cached = self._through_cache(lv, X, loc)
-            columns = Columns.from_rows(results)
-        count = len(columns)
+            outcome = Outcome(lv, cached, results=results)
+        count = len(outcome)
+        cached = outcome.cached
         metrics.child(metrics.PREDICTIONS, lv.name, lv.version).inc(count)
         metrics.BATCH_ROWS.observe(count)
         if self.cache.enabled:
@@ -266,7 +277,7 @@ class DataPlane:
         with self._count_lock:
             self.predictions += count
             self.per_model[key] = self.per_model.get(key, 0) + count
-        return Outcome(lv, columns, cached, results)
+        return outcome
 
     def _through_cache(
         self, lv: LoadedVersion, X: np.ndarray, loc: list[Any]

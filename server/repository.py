@@ -33,13 +33,13 @@ class VersionOnDisk:
     path: Path
     size: int
     mtime_ns: int
-    meta_mtime_ns: int
+    meta_mtime_ns: int  # of metadata.json plus the model's model.json (0 when absent)
     metadata: dict[str, Any] = field(default_factory=dict)
     metadata_error: str | None = None
 
     @property
     def stamp(self) -> tuple[int, int, int]:
-        """Changes when the artifact or its metadata.json changes on disk."""
+        """Changes when the artifact, its metadata.json or the model.json changes on disk."""
         return (self.size, self.mtime_ns, self.meta_mtime_ns)
 
 
@@ -93,23 +93,31 @@ class ModelRepository:
     def _scan_model(self, folder: Path) -> ModelOnDisk:
         problems: list[str] = []
         labels: dict[str, str] = {}
+        defaults: dict[str, Any] = {}  # what model.json sets for every version
+        spec_mtime = 0
         spec = folder / "model.json"
         if spec.exists():
             try:
-                raw = _read_json(spec).get("labels", {})
-                labels = {str(k): str(v) for k, v in dict(raw).items()}
+                spec_mtime = spec.stat().st_mtime_ns
+                data = _read_json(spec)
+                labels = {str(k): str(v) for k, v in dict(data.get("labels", {})).items()}
+                if "backend" in data:
+                    defaults["backend"] = data["backend"]
             except (OSError, ValueError, TypeError) as exc:
                 problems.append(f"model.json unreadable: {exc}")
         versions: dict[str, VersionOnDisk] = {}
         for entry in os.scandir(folder):
             if not (entry.is_dir() and VERSION_RE.match(entry.name)):
                 continue
-            found = self._scan_version(folder.name, Path(entry.path))
+            found = self._scan_version(folder.name, Path(entry.path), defaults, spec_mtime)
             if found is not None:
                 versions[found.version] = found
         return ModelOnDisk(folder.name, labels, versions, problems)
 
-    def _scan_version(self, name: str, folder: Path) -> VersionOnDisk | None:
+    def _scan_version(self, name: str, folder: Path, defaults: dict[str, Any],
+                      spec_mtime: int) -> VersionOnDisk | None:
+        """A version folder; its metadata.json over the model's ``defaults`` (model.json).
+        A change to either file changes the version's stamp, so it is loaded again."""
         artifact = folder / ARTIFACT
         if not inside(self.root, artifact):
             if artifact.exists() or artifact.is_symlink():
@@ -126,8 +134,8 @@ class ModelRepository:
                 metadata = _read_json(meta_path)
             except (OSError, ValueError) as exc:
                 error = f"metadata.json unreadable: {exc}"
-        return VersionOnDisk(name, folder.name, artifact, st.st_size, st.st_mtime_ns, meta_mtime,
-                             metadata, error)
+        return VersionOnDisk(name, folder.name, artifact, st.st_size, st.st_mtime_ns,
+                             meta_mtime + spec_mtime, {**defaults, **metadata}, error)
 
     def experiments_file(self) -> tuple[int, dict[str, Any] | None, str | None]:
         """``experiments.json``: (mtime_ns or 0 when absent, its object, the read error)."""

@@ -171,3 +171,31 @@ def test_one_call_logistic_scores_match_predict_and_predict_proba(scaled: bool) 
     for i in range(10):
         idx, proba = scores(X[i : i + 1])
         assert np.array_equal(proba, alone[i : i + 1])
+
+
+def test_model_json_backend_is_every_versions_default(tmp_path: Path) -> None:
+    import json
+    import os
+
+    import joblib
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = load_iris(return_X_y=True)
+    for version in ("1", "2"):
+        (tmp_path / "m" / version).mkdir(parents=True)
+        joblib.dump(LogisticRegression(max_iter=500).fit(X, y),
+                    tmp_path / "m" / version / "model.joblib")
+    (tmp_path / "m" / "2" / "metadata.json").write_text(json.dumps({"backend": "sklearn"}))
+    spec = tmp_path / "m" / "model.json"
+    spec.write_text(json.dumps({"backend": "onnx", "labels": {"stable": "1"}}))
+    repo = ModelRepository(tmp_path)
+    found = repo.scan()["m"]
+    assert found.labels == {"stable": "1"}
+    assert found.versions["1"].metadata["backend"] == "onnx"  # from model.json
+    assert found.versions["2"].metadata["backend"] == "sklearn"  # metadata.json wins
+    before = found.versions["1"].stamp
+    spec.write_text(json.dumps({"labels": {"stable": "1"}}))
+    os.utime(spec, ns=(1, 1))  # a different mtime whatever the clock's resolution
+    after = repo.scan()["m"].versions["1"]
+    assert after.stamp != before and "backend" not in after.metadata
