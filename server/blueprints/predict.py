@@ -57,12 +57,9 @@ def batch() -> Response:
         "model": outcome.model.name, "version": outcome.model.version, "count": len(columns),
         "predictions": columns.predictions,
     }
-    if columns.labels is not None:
-        body["labels"] = columns.labels
-    if columns.confidences is not None:
-        body["confidences"] = columns.confidences
-    if columns.probabilities is not None:
-        body["probabilities"] = columns.probability_maps()
+    classifier = {"labels": columns.labels, "confidences": columns.confidences,
+                  "probabilities": columns.probability_maps()}
+    body.update({key: value for key, value in classifier.items() if value is not None})
     body["cached"] = outcome.cached
     body["request_id"] = request_id()
     return json_response(body)
