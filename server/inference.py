@@ -211,14 +211,12 @@ class Outcome:
     ``columns`` (batch answers) or as ``results``, one dict per row; whichever was not
     produced is derived on first use."""
 
-    def __init__(self, model: LoadedVersion, cached: int, *, columns: Columns | None = None,
-                 results: list[dict[str, Any]] | None = None) -> None:
-        if columns is None and results is None:
-            raise ValueError("an outcome needs columns or results")
+    def __init__(self, model: LoadedVersion, cached: int,
+                 answers: Columns | list[dict[str, Any]]) -> None:
         self.model = model
         self.cached = cached
-        self._columns = columns
-        self._results = results
+        self._columns = answers if isinstance(answers, Columns) else None
+        self._results = None if isinstance(answers, Columns) else answers
 
     @property
     def columns(self) -> Columns:
@@ -262,10 +260,10 @@ class DataPlane:
     def predict_resolved(self, lv: LoadedVersion, X: np.ndarray, loc: list[Any]) -> Outcome:
         """Predict the rows of a matrix already built for ``lv`` (through the cache)."""
         if not self.cache.enabled:
-            outcome = Outcome(lv, 0, columns=self._call(lv, X, loc))
+            outcome = Outcome(lv, 0, self._call(lv, X, loc))
         else:
             results, cached = self._through_cache(lv, X, loc)
-            outcome = Outcome(lv, cached, results=results)
+            outcome = Outcome(lv, cached, results)
         count = len(outcome)
         cached = outcome.cached
         metrics.child(metrics.PREDICTIONS, lv.name, lv.version).inc(count)
@@ -287,17 +285,20 @@ class DataPlane:
         missing = [i for i, r in enumerate(found) if r is None]
         if not missing:
             return found, len(found)  # type: ignore[return-value]
-        fresh = self._call(lv, X if len(missing) == len(X) else X[missing], loc).rows()
+        fresh = _rows(self._call(lv, X if len(missing) == len(X) else X[missing], loc))
         for i, result in zip(missing, fresh):
             found[i] = result
         # A value that failed to decode counts as a miss and is overwritten here.
         self.cache.set_many({keys[i]: orjson.dumps(r) for i, r in zip(missing, fresh)})
         return found, len(found) - len(missing)  # type: ignore[return-value]
 
-    def _call(self, lv: LoadedVersion, X: np.ndarray, loc: list[Any]) -> Columns:
+    def _call(self, lv: LoadedVersion, X: np.ndarray,
+              loc: list[Any]) -> Columns | list[dict[str, Any]]:
+        """The model's answers for ``X``: columns from one call (or chunked calls), or the
+        rows a micro-batch handed back."""
         try:
-            if self.batcher is not None and len(X) == 1:
-                return Columns.from_rows(self.batcher.submit(lv, X))
+            if self.batcher is not None and len(X) == 1 and lv.microbatch != "off":
+                return self.batcher.submit(lv, X)
             if len(X) <= self.chunk_rows:
                 return predict_columns(lv, X)
             return self._chunked(lv, X)
@@ -374,6 +375,10 @@ class DataPlane:
 
     def cache_status(self) -> dict[str, Any]:
         return self.cache.status()
+
+
+def _rows(answers: Columns | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return answers.rows() if isinstance(answers, Columns) else answers
 
 
 def _decode(value: bytes | None) -> dict[str, Any] | None:

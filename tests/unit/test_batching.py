@@ -20,7 +20,7 @@ from sklearn.preprocessing import StandardScaler
 from server import batching
 from server.batching import MicroBatcher, batch_mode
 from server.errors import ApiError
-from server.inference import DataPlane, predict_matrix
+from server.inference import Columns, DataPlane, predict_matrix
 from server.registry import LoadedVersion, ModelRegistry, build_version
 from server.repository import VersionOnDisk
 
@@ -184,8 +184,9 @@ def test_big_matrices_in_chunks_give_the_whole_calls_answers(registry: ModelRegi
                                                              version: str) -> None:
     lv = registry.resolve("iris", version)
     X = rows(101)  # chunks of 10 would leave one row alone: it joins the chunk before
-    chunked = DataPlane(registry, chunk_rows=10)._call(lv, X, ["instances"]).rows()
-    assert chunked == predict_matrix(lv, X)
+    chunked = DataPlane(registry, chunk_rows=10)._call(lv, X, ["instances"])
+    assert isinstance(chunked, Columns)
+    assert chunked.rows() == predict_matrix(lv, X)
 
 
 def test_model_time_over_the_limit_is_504_at_a_chunk_boundary(registry: ModelRegistry) -> None:
