@@ -649,7 +649,7 @@ def verdict_table(goals: list[dict[str, Any]]) -> str:
     head = f"{'target':<42} {'measured':>9} {'goal':>9} {'met':>4}"
     lines = [head, "-" * len(head)]
     for g in goals:
-        value = "-" if g["measured"] is None else f"{g['measured']:.2f}"
+        value = "-" if g["measured"] is None else f"{g['measured']:.3f}"
         wanted = ("≥ " if g["at_least"] else "≤ ") + f"{g['goal']:.4g}"
         met = {True: "yes", False: "NO", None: "-"}[g["met"]]
         lines.append(f"{g['target']:<42} {value:>9} {wanted:>9} {met:>4}")
