@@ -137,10 +137,11 @@ def json_too_deep(body: bytes, limit: int) -> bool:
     return int(np.cumsum(steps, dtype=np.int64).max(initial=0)) > limit
 
 
-def refuse_deep_json(raw: bytes) -> None:
-    """400 bad_json for a JSON document nested deeper than MAX_JSON_DEPTH, before any parser
-    or validator recurses into it (request bodies and WebSocket messages alike)."""
-    depth = state().settings.max_json_depth
+def refuse_deep_json(raw: bytes, depth: int | None = None) -> None:
+    """400 bad_json for a JSON document nested deeper than MAX_JSON_DEPTH (``depth``), before
+    any parser or validator recurses into it (request bodies and WebSocket messages alike)."""
+    if depth is None:
+        depth = state().settings.max_json_depth
     if json_too_deep(raw, depth):
         raise ApiError(400, "bad_json", f"JSON nested deeper than {depth} levels "
                        "(MAX_JSON_DEPTH)")
@@ -150,9 +151,14 @@ class BodyRequest(Request):
     """Reads a whole body the same way for every view that calls ``get_data``: a chunked body
     cut at the size limit is refused (413), a client that stalls mid-body gets 408, and a body
     read as JSON that nests deeper than MAX_JSON_DEPTH is refused (400) before any parser or
-    validator recurses into it. Streamed bodies (CSV, training data) use ``request.stream``."""
+    validator recurses into it. Streamed bodies (CSV, training data) use ``request.stream``.
+
+    ``install`` gives each app a subclass that knows its MAX_JSON_DEPTH. Every predict reads
+    its body here, so the checks look at the WSGI environ directly (no header objects, no
+    content-type parsing for a plain JSON body)."""
 
     _depth_checked = False
+    max_json_depth = 32
 
     def get_data(  # type: ignore[override]
         self, cache: bool = True, as_text: bool = False, parse_form_data: bool = False
@@ -167,22 +173,29 @@ class BodyRequest(Request):
                 raise ApiError(408, "request_timeout",
                                "the client stopped sending its request body") from exc
             raise
-        limit = self.max_content_length
-        if self.content_length is None and limit is not None and len(body) >= limit:
-            # A chunked body is cut at the limit rather than refused: refuse it ourselves.
-            raise ApiError(413, "body_too_large", f"request body larger than {limit} bytes")
+        environ = self.environ
+        if not environ.get("CONTENT_LENGTH") or "HTTP_TRANSFER_ENCODING" in environ:
+            limit = self.max_content_length
+            if self.content_length is None and limit is not None and len(body) >= limit:
+                # A chunked body is cut at the limit rather than refused: refuse it ourselves.
+                raise ApiError(413, "body_too_large",
+                               f"request body larger than {limit} bytes")
         json_part = None if self._depth_checked else self._json_part(body)
         self._depth_checked = True
         if json_part is not None:
-            refuse_deep_json(json_part)
+            refuse_deep_json(json_part, self.max_json_depth)
         return body
 
     def _json_part(self, body: bytes) -> bytes | None:
         """What views will parse as JSON: the head of a binary tensor request (Open Inference
         Protocol), else a body sent as JSON or without a Content-Type; None for the rest."""
-        size = self.headers.get("Inference-Header-Content-Length", "")
+        environ = self.environ
+        size = environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH", "")
         if size.isdigit():
             return body[: int(size)]
+        sent = environ.get("CONTENT_TYPE", "")
+        if sent == "application/json" or not sent:
+            return body
         mimetype = self.mimetype
         if not mimetype or mimetype == "application/json" or mimetype.endswith("+json"):
             return body
@@ -371,7 +384,8 @@ def install(app: Flask) -> None:
     These hooks run on every request: they fetch the request, ``g`` and the server state
     once each rather than through Flask's context proxies on every access, and count into
     cached Prometheus children (see ``server.metrics.child``)."""
-    app.request_class = BodyRequest
+    depth = app.extensions["model_server"].settings.max_json_depth
+    app.request_class = type("AppRequest", (BodyRequest,), {"max_json_depth": depth})
     access = AccessLog()
 
     @app.before_request
