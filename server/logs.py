@@ -44,7 +44,7 @@ class AccessLog:
         return self.logger.isEnabledFor(logging.INFO)
 
     def write(self, fields: dict[str, object]) -> None:
-        handler = _json_stream_handler()
+        handler = self._plain_route()
         if handler is None:
             self.logger.info("request", extra=fields)
             return
@@ -67,13 +67,22 @@ class AccessLog:
             handler.release()
 
 
-def _json_stream_handler() -> logging.StreamHandler | None:  # type: ignore[type-arg]
-    """The root logger's StreamHandler that writes our JSON lines, if there is one."""
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and isinstance(handler.formatter,
-                                                                    JsonFormatter):
+    def _plain_route(self) -> logging.StreamHandler | None:  # type: ignore[type-arg]
+        """The root logger's one JSON StreamHandler, when that is all the access line would
+        go through: no handler or filter of ``server.access``'s own, no filter on the root
+        logger or the handler, nothing else on the root. Any other set-up takes logging's
+        own path."""
+        logger, root = self.logger, logging.getLogger()
+        if logger.handlers or logger.filters or not logger.propagate or root.filters:
+            return None
+        if len(root.handlers) != 1:
+            return None
+        handler = root.handlers[0]
+        if (isinstance(handler, logging.StreamHandler)
+                and isinstance(handler.formatter, JsonFormatter)
+                and not handler.filters and handler.level <= logging.INFO):
             return handler
-    return None
+        return None
 
 
 def configure_logging(level: str) -> None:

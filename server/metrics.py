@@ -5,9 +5,10 @@ imports prometheus_client, and removes a dead worker's files in ``child_exit``. 
 (a single process, e.g. the Flask test client) the default registry is used.
 
 In multiprocess mode every increment would be a locked write into the worker's mmap file
-(eight per predict request). Here increments add up in the worker and are written every
-FLUSH_SECONDS, when this worker serves ``/metrics``, and when it exits: a scrape may see
-another worker's last quarter second late, which no Prometheus interval notices.
+(eight per predict request). In gevent workers, increments add up in the worker and are
+written every FLUSH_SECONDS, when this worker serves ``/metrics``, and when it exits: a scrape
+may see another worker's last quarter second late, which no Prometheus interval notices. A
+worker killed with SIGKILL loses at most its last FLUSH_SECONDS of counts.
 """
 
 from __future__ import annotations
@@ -80,11 +81,29 @@ def _flush_forever() -> None:
         flush()
 
 
-_deferred = getattr(values.ValueClass, "_multiprocess", False)
-if _deferred:
+def _forget_pending() -> None:
+    """In a forked child: what the parent had counted is the parent's to write."""
+    for value in _queue:
+        value._pending, value._queued = 0.0, False
+    _queue.clear()
+
+
+def _cooperative() -> bool:
+    """Deferred increments rely on gevent: with no preemption between bytecodes an increment
+    and a flush cannot interleave. Under real threads every increment is written at once."""
+    try:
+        from gevent import monkey
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return False
+    return bool(monkey.is_module_patched("threading"))
+
+
+_deferred = bool(getattr(values.ValueClass, "_multiprocess", False)) and _cooperative()
+if _deferred and not hasattr(values.ValueClass, "write_pending"):  # not twice on a re-import
     # Before any metric below is made: each child takes its value class at creation.
     values.ValueClass = _deferred_value_class(values.ValueClass)
     atexit.register(flush)
+    os.register_at_fork(after_in_child=_forget_pending)
 
 
 def start_flushing() -> None:

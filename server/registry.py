@@ -30,7 +30,7 @@ class LoadedVersion:
     version: str
     estimator: Any
     sha256: str
-    stamp: tuple[int, int, int]
+    stamp: tuple[int, int, int, str]
     n_features: int | None
     feature_names: tuple[str, ...] | None
     feature_index: dict[str, int] | None
@@ -87,7 +87,7 @@ class FailedVersion:
     name: str
     version: str
     error: str
-    stamp: tuple[int, int, int]
+    stamp: tuple[int, int, int, str]
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "state": "FAILED", "error": self.error}

@@ -33,14 +33,16 @@ class VersionOnDisk:
     path: Path
     size: int
     mtime_ns: int
-    meta_mtime_ns: int  # of metadata.json plus the model's model.json (0 when absent)
+    meta_mtime_ns: int  # of metadata.json (0 when absent)
     metadata: dict[str, Any] = field(default_factory=dict)
     metadata_error: str | None = None
+    defaults: str = ""  # what model.json sets for every version, as sorted JSON
 
     @property
-    def stamp(self) -> tuple[int, int, int]:
-        """Changes when the artifact, its metadata.json or the model.json changes on disk."""
-        return (self.size, self.mtime_ns, self.meta_mtime_ns)
+    def stamp(self) -> tuple[int, int, int, str]:
+        """Changes when the artifact or its metadata.json changes on disk, or when model.json
+        changes what it sets for every version (a label edit alone does not count)."""
+        return (self.size, self.mtime_ns, self.meta_mtime_ns, self.defaults)
 
 
 @dataclass(frozen=True)
@@ -94,11 +96,9 @@ class ModelRepository:
         problems: list[str] = []
         labels: dict[str, str] = {}
         defaults: dict[str, Any] = {}  # what model.json sets for every version
-        spec_mtime = 0
         spec = folder / "model.json"
         if spec.exists():
             try:
-                spec_mtime = spec.stat().st_mtime_ns
                 data = _read_json(spec)
                 labels = {str(k): str(v) for k, v in dict(data.get("labels", {})).items()}
                 if "backend" in data:
@@ -109,15 +109,15 @@ class ModelRepository:
         for entry in os.scandir(folder):
             if not (entry.is_dir() and VERSION_RE.match(entry.name)):
                 continue
-            found = self._scan_version(folder.name, Path(entry.path), defaults, spec_mtime)
+            found = self._scan_version(folder.name, Path(entry.path), defaults)
             if found is not None:
                 versions[found.version] = found
         return ModelOnDisk(folder.name, labels, versions, problems)
 
-    def _scan_version(self, name: str, folder: Path, defaults: dict[str, Any],
-                      spec_mtime: int) -> VersionOnDisk | None:
+    def _scan_version(self, name: str, folder: Path,
+                      defaults: dict[str, Any]) -> VersionOnDisk | None:
         """A version folder; its metadata.json over the model's ``defaults`` (model.json).
-        A change to either file changes the version's stamp, so it is loaded again."""
+        A change to either changes the version's stamp, so it is loaded again."""
         artifact = folder / ARTIFACT
         if not inside(self.root, artifact):
             if artifact.exists() or artifact.is_symlink():
@@ -135,7 +135,8 @@ class ModelRepository:
             except (OSError, ValueError) as exc:
                 error = f"metadata.json unreadable: {exc}"
         return VersionOnDisk(name, folder.name, artifact, st.st_size, st.st_mtime_ns,
-                             meta_mtime + spec_mtime, {**defaults, **metadata}, error)
+                             meta_mtime, {**defaults, **metadata}, error,
+                             json.dumps(defaults, sort_keys=True, default=str))
 
     def experiments_file(self) -> tuple[int, dict[str, Any] | None, str | None]:
         """``experiments.json``: (mtime_ns or 0 when absent, its object, the read error)."""

@@ -131,3 +131,21 @@ def test_metric_increments_are_written_at_flush_and_read_with_what_is_pending() 
     assert deferred.writes == 1 and deferred.value == 4.0 and deferred.get() == 4.0
     metrics.flush()
     assert deferred.writes == 1  # nothing pending, nothing written
+
+
+def test_access_line_takes_loggings_own_path_when_the_logger_is_configured(
+        json_root: io.StringIO) -> None:
+    seen: list[str] = []
+
+    class Keep(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            seen.append(record.getMessage())
+            return False  # routed elsewhere: nothing reaches the root's stream
+
+    access = logging.getLogger("server.access")
+    access.addFilter(keep := Keep())
+    try:
+        AccessLog().write({"request_id": "r2"})
+    finally:
+        access.removeFilter(keep)
+    assert seen == ["request"] and json_root.getvalue() == ""
