@@ -33,9 +33,6 @@ log = logging.getLogger(__name__)
 
 Predict = Callable[[LoadedVersion, np.ndarray], list[dict[str, Any]]]
 
-# How the rows of one version are predicted: "stack" (gathered and stacked into one call)
-# or "off" (each request alone).
-MODES = ("stack", "off")
 # About what gathering costs each request of a batch (an event, a timeout, two greenlet
 # switches: ~30 us measured with py-spy under wrk); a batch must save each row more.
 MIN_GAIN_US = 50.0

@@ -45,7 +45,8 @@ class LoadedVersion:
     scores: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None
     metadata: dict[str, Any]
     loaded_at: float
-    # How this version is micro-batched: "stack" or "off" (server.batching.batch_mode)
+    # How this version is micro-batched: "stack" (gathered and stacked into one call) or
+    # "off" (each request alone); see server.batching.batch_mode
     microbatch: str = "off"
     microbatch_note: str | None = None
     # What answers: "sklearn" (the estimator) or "onnx" (an onnxruntime session that

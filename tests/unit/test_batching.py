@@ -7,6 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import gevent
 import numpy as np
@@ -28,14 +29,9 @@ from server.repository import VersionOnDisk
 def loaded(estimator: Any, min_gain_us: float | None = None) -> LoadedVersion:
     found = VersionOnDisk("m", "1", Path("m/1/model.joblib"), 0, 0, 0)
     lv = build_version(found, estimator, "0" * 64)
-    if min_gain_us is None:
+    gain = batching.MIN_GAIN_US if min_gain_us is None else min_gain_us
+    with patch.object(batching, "MIN_GAIN_US", gain):
         return batch_mode(lv, predict_matrix)
-    saved = batching.MIN_GAIN_US
-    batching.MIN_GAIN_US = min_gain_us
-    try:
-        return batch_mode(lv, predict_matrix)
-    finally:
-        batching.MIN_GAIN_US = saved
 
 
 def rows(n: int, seed: int = 3) -> np.ndarray:
