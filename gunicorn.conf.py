@@ -40,7 +40,7 @@ workers = int(os.environ.get("WORKERS") or _cores())
 # gevent: one greenlet per connection, so SSE streams and WebSockets don't pin a process.
 # server/worker.py is gunicorn's gevent worker plus a client socket timeout (below), a real
 # "Connection: close" while draining, and listeners handed from old to new workers on SIGHUP.
-worker_class = "server.worker.GeventWorker"
+worker_class = "server.runtime.worker.GeventWorker"
 # Most simultaneous connections per worker.
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
 # Each worker builds its own app after fork: no Redis socket or thread crosses a fork.
@@ -71,12 +71,12 @@ control_socket_disable = True
 # gunicorn's own lines go through the same JSON formatter.
 accesslog = None
 # gunicorn's logger, minus formatting access lines that the settings below throw away.
-logger_class = "server.worker.QuietLogger"
+logger_class = "server.runtime.worker.QuietLogger"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"json": {"()": "server.logs.JsonFormatter"}},
+    "formatters": {"json": {"()": "server.runtime.logs.JsonFormatter"}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
                             "stream": "ext://sys.stderr"}},
     "root": {"handlers": ["stderr"], "level": loglevel.upper()},

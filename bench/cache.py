@@ -59,7 +59,7 @@ from bench.core import (
     serving,
     stop_process,
 )
-from server.demo import write_demo
+from server.jobs.demo import write_demo
 
 HIT_ROWS = 100  # distinct rows of the hit path; all fit in any cache
 BASE_ROWS = 1000  # iris-like rows the miss script makes unique with a run id and a counter

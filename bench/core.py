@@ -39,7 +39,7 @@ import orjson
 from sklearn import datasets
 
 from server.config import Settings
-from server.demo import write_demo
+from server.jobs.demo import write_demo
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"

@@ -38,10 +38,11 @@ import numpy as np
 import sklearn
 
 from bench.core import iris_like_rows, progress, ratio
-from server.demo import write_demo
-from server.inference import predict_matrix
-from server.registry import LoadedVersion, ModelRegistry
-from server.repository import ModelRepository
+from server.jobs.demo import write_demo
+from server.model.loaded import LoadedVersion
+from server.model.predict import predict_matrix
+from server.model.registry import ModelRegistry
+from server.model.repository import ModelRepository
 
 ROWS = 1000
 MODELS = (("1", "iris v1 LR"), ("2", "iris v2 RF100"))
@@ -75,7 +76,7 @@ def data_plane(lv: LoadedVersion) -> Call:
 
 
 def model_call(lv: LoadedVersion) -> Call:
-    """The one model call ``server.inference`` makes for a classifier with probabilities."""
+    """The one model call ``server.serving.dataplane`` makes for a classifier with probabilities."""
     if lv.scores is not None:
         return lv.scores
     proba = lv.proba

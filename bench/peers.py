@@ -75,7 +75,7 @@ from bench.core import (
     run_wrk,
     serving,
 )
-from server.demo import write_demo
+from server.jobs.demo import write_demo
 
 REQUIREMENTS = ROOT / "requirements-bench.txt"
 MLSERVER_VENV = ROOT / "bench" / ".venv-mlserver"

@@ -36,7 +36,7 @@ import orjson
 import pandas as pd
 
 from bench.core import ROOT, Server, _terminate, clean_environ, post, progress
-from server.demo import write_demo
+from server.jobs.demo import write_demo
 
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 BATCH_ROWS = 1000

@@ -1,7 +1,7 @@
 """The prediction server: ``create_app`` wires everything; nothing is read at import time.
 
-Imports happen inside ``create_app`` so that importing ``server.logs`` in the gunicorn master
-(for the log formatter) pulls in neither redis nor ssl before gevent patches the workers.
+Imports happen inside ``create_app`` so that importing ``server.runtime.logs`` in the gunicorn
+master (for the log formatter) pulls in neither redis nor ssl before gevent patches the workers.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ if TYPE_CHECKING:
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build one worker's application: settings, models, cache, data plane, blueprints."""
-    from server import metrics, web
-    from server.batching import MicroBatcher, gevent_active
-    from server.blueprints import (
+    from server.config import Settings
+    from server.http.app import install
+    from server.http.auth import install_cors, install_rate_limits
+    from server.http.blueprints import (
         admin,
         dashboard,
         docs,
@@ -33,20 +34,23 @@ def create_app(settings: Settings | None = None) -> Flask:
         v2_oip,
         ws,
     )
-    from server.cache import make_cache, make_redis
-    from server.config import Settings
-    from server.events import EventLog
-    from server.experiments import Experiments, MemoryStats, RedisStats
-    from server.inference import DataPlane, predict_matrix
-    from server.logs import configure_logging
-    from server.monitor import WorkerMetrics
-    from server.registry import ModelRegistry, ReloadReport
-    from server.reloader import Reloader
-    from server.repository import ModelRepository
+    from server.http.context import ServerApp, ServerState
+    from server.model.predict import predict_matrix
+    from server.model.registry import ModelRegistry, ReloadReport
+    from server.model.repository import ModelRepository
+    from server.runtime import prometheus as metrics
+    from server.runtime.events import EventLog
+    from server.runtime.figures import WorkerMetrics
+    from server.runtime.logs import configure_logging
+    from server.serving.batching import MicroBatcher, gevent_active
+    from server.serving.cache import make_cache, make_redis
+    from server.serving.dataplane import DataPlane
+    from server.serving.experiments import Experiments, MemoryStats, RedisStats
+    from server.serving.reloader import Reloader
 
     settings = settings or Settings()
     configure_logging(settings.log_level)
-    app = web.ServerApp(__name__, static_folder=None)  # the dashboard serves its own files
+    app = ServerApp(__name__, static_folder=None)  # the dashboard serves its own files
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
 
     registry = ModelRegistry(ModelRepository(settings.model_dir))
@@ -94,7 +98,7 @@ def create_app(settings: Settings | None = None) -> Flask:
                 "predictions": dataplane.predictions, "per_model": dict(dataplane.per_model)}
 
     live = WorkerMetrics(events.dir, figures)
-    app.extensions["model_server"] = web.ServerState(
+    app.extensions["model_server"] = ServerState(
         settings=settings,
         registry=registry,
         dataplane=dataplane,
@@ -103,9 +107,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         metrics=live,
         started=time.time(),
     )
-    web.install(app)
-    web.install_rate_limits(app, settings)
-    web.install_cors(app, settings)
+    install(app)
+    install_rate_limits(app, settings)
+    install_cors(app, settings)
     for blueprint in (health.bp, models.bp, predict.bp, experiments.bp, stream.bp, ws.bp,
                       v2_oip.bp, v1_tfserving.bp, train.bp, admin.bp, docs.bp,
                       dashboard.bp):

@@ -1,4 +1,4 @@
-"""Errors that carry their own HTTP status; turned into JSON in one place (server.web)."""
+"""Errors that carry their own HTTP status; turned into JSON in one place (server.http.app)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Request bodies as pydantic models: strict numbers, finite only, no unknown fields; and the
-answers as response models, which document the API (``server.openapi``) but serialize nothing."""
+answers as response models, which document the API (``server.http.openapi``) but serialize
+nothing."""
 
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def error_details(errors: list[Any]) -> list[dict[str, Any]]:
 
 
 # --- Answers ------------------------------------------------------------------------------
-# These document what the server sends (``server.openapi`` turns them into the OpenAPI
+# These document what the server sends (``server.http.openapi`` turns them into the OpenAPI
 # components); the views build plain dicts. They stay open to extra keys so that a new field
 # in an answer is not a breaking change for a client validating against the document.
 

@@ -18,7 +18,7 @@ import pytest
 import redis
 import requests
 
-from server.demo import write_demo
+from server.jobs.demo import write_demo
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin-token"
@@ -32,8 +32,8 @@ def free_port() -> int:
 
 def scrape_metrics(server: LiveServer) -> str:
     """``GET /metrics`` once every worker has written what it counted: workers write their
-    increments every FLUSH_SECONDS (server.metrics), the one answering at once."""
-    from server.metrics import FLUSH_SECONDS
+    increments every FLUSH_SECONDS (server.runtime.prometheus), the one answering at once."""
+    from server.runtime.prometheus import FLUSH_SECONDS
 
     time.sleep(2 * FLUSH_SECONDS + 0.1)
     return str(server.get("/metrics").text)

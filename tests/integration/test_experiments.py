@@ -16,7 +16,7 @@ from scipy import stats
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from server.experiments import Arm, Experiment
+from server.serving.experiments import Arm, Experiment
 from tests.conftest import LiveServer, RedisServer, wait_until
 
 ROW = [5.1, 3.5, 1.4, 0.2]

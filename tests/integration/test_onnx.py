@@ -16,7 +16,7 @@ from sklearn.datasets import load_iris
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 
-from server.onnx_backend import TOLERANCE
+from server.model.onnx import TOLERANCE
 from tests.conftest import LiveServer
 
 pytestmark = pytest.mark.skipif(

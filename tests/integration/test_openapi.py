@@ -23,8 +23,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-import server.blueprints
-from server.openapi import JSON, OPERATIONS, build_document
+import server.http.blueprints
+from server.http.openapi import JSON, OPERATIONS, build_document
 from tests.conftest import ADMIN_TOKEN, LiveServer
 
 DOCUMENT = build_document()
@@ -52,8 +52,8 @@ CHECKS = [not_a_server_error, response_schema_conformance, status_code_conforman
 def _flask_routes() -> set[tuple[str, str]]:
     """(METHOD, path with every parameter as {}) for every route of every blueprint module."""
     app = Flask(__name__, static_folder=None)
-    for info in pkgutil.iter_modules(server.blueprints.__path__):
-        module = importlib.import_module(f"server.blueprints.{info.name}")
+    for info in pkgutil.iter_modules(server.http.blueprints.__path__):
+        module = importlib.import_module(f"server.http.blueprints.{info.name}")
         app.register_blueprint(module.bp)
     routes = set()
     for rule in app.url_map.iter_rules():
@@ -131,7 +131,7 @@ def test_admin_and_model_endpoints_declare_their_security() -> None:
 def test_every_route_is_documented_and_every_documented_route_exists() -> None:
     routes = {r for r in _flask_routes() if r[1] not in UNDESCRIBED}
     documented = _documented()
-    assert routes - documented == set(), "routes missing from server.openapi.OPERATIONS"
+    assert routes - documented == set(), "routes missing from server.http.openapi.OPERATIONS"
     # TF Serving's paths are served by one catch-all route, so they are not in the map.
     served = {r for r in documented - routes if not r[1].startswith("/v1/models/")}
     assert served == set(), "documented operations no blueprint serves"

@@ -14,10 +14,11 @@ import pandas as pd
 import pytest
 from sklearn.datasets import load_iris
 
-from server.inference import predict_matrix
-from server.registry import LoadedVersion, ModelRegistry
-from server.repository import ModelRepository
-from server.score import main
+from server.jobs.score import main
+from server.model.loaded import LoadedVersion
+from server.model.predict import predict_matrix
+from server.model.registry import ModelRegistry
+from server.model.repository import ModelRepository
 from tests.conftest import ROOT
 
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]

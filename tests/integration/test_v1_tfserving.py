@@ -9,8 +9,8 @@ import orjson
 import pytest
 from sklearn import datasets
 
-from server.registry import FailedVersion, ModelEntry
-from server.tfserving import model_status
+from server.model.registry import FailedVersion, ModelEntry
+from server.protocols.tfserving import model_status
 from tests.conftest import LiveServer
 
 IRIS = datasets.load_iris().data

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from server.registry import ModelRegistry
-from server.repository import ModelRepository
+from server.model.registry import ModelRegistry
+from server.model.repository import ModelRepository
 
 
 @pytest.fixture(scope="module")

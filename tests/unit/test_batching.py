@@ -18,12 +18,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from server import batching
-from server.batching import MicroBatcher, batch_mode
 from server.errors import ApiError
-from server.inference import Columns, DataPlane, predict_matrix
-from server.registry import LoadedVersion, ModelRegistry, build_version
-from server.repository import VersionOnDisk
+from server.model.loaded import LoadedVersion, build_version
+from server.model.predict import Columns, predict_matrix
+from server.model.registry import ModelRegistry
+from server.model.repository import VersionOnDisk
+from server.serving import batching
+from server.serving.batching import MicroBatcher, batch_mode
+from server.serving.dataplane import DataPlane
 
 
 def loaded(estimator: Any, min_gain_us: float | None = None) -> LoadedVersion:
@@ -60,7 +62,7 @@ def test_batching_that_saves_less_than_gathering_costs_is_off(
         monkeypatch: pytest.MonkeyPatch) -> None:
     X, y = load_iris(return_X_y=True)
     forest = RandomForestClassifier(n_estimators=20, random_state=0).fit(X, y)
-    monkeypatch.setattr("server.batching.MIN_GAIN_US", 1e9)
+    monkeypatch.setattr("server.serving.batching.MIN_GAIN_US", 1e9)
     lv = loaded(forest)
     assert lv.microbatch == "off" and "gathering costs" in (lv.microbatch_note or "")
 

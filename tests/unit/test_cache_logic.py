@@ -9,7 +9,15 @@ import time
 import numpy as np
 import pytest
 
-from server.cache import MemoryCache, NoCache, RedisCache, make_cache, make_redis, row_key, row_keys
+from server.serving.cache import (
+    MemoryCache,
+    NoCache,
+    RedisCache,
+    make_cache,
+    make_redis,
+    row_key,
+    row_keys,
+)
 from tests.conftest import free_port
 
 

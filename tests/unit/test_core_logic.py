@@ -14,10 +14,11 @@ from sklearn.preprocessing import StandardScaler
 
 from server.config import Settings
 from server.errors import ApiError
-from server.inference import DataPlane, to_matrix
-from server.registry import ModelRegistry
-from server.repository import ModelRepository, inside, is_valid_name, single_threaded
+from server.model.predict import to_matrix
+from server.model.registry import ModelRegistry
+from server.model.repository import ModelRepository, inside, is_valid_name, single_threaded
 from server.schemas import BatchRequest, PredictRequest, error_details
+from server.serving.dataplane import DataPlane
 
 
 @pytest.mark.parametrize(("name", "ok"), [
@@ -136,7 +137,7 @@ def test_forest_fast_path_gives_the_estimators_bits(forest: str) -> None:
     from sklearn.datasets import load_breast_cancer
     from sklearn.ensemble import ExtraTreesClassifier
 
-    from server.registry import _proba_function
+    from server.model.loaded import _proba_function
 
     data = load_breast_cancer()
     cls = RandomForestClassifier if forest == "random" else ExtraTreesClassifier
@@ -154,7 +155,7 @@ def test_one_call_logistic_scores_match_predict_and_predict_proba(scaled: bool) 
     from sklearn.datasets import load_wine
     from sklearn.linear_model import LogisticRegression
 
-    from server.registry import _scores_function
+    from server.model.loaded import _scores_function
 
     data = load_wine()
     est = LogisticRegression(max_iter=5000)

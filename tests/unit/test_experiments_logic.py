@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from server.experiments import Arm, Experiment, MemoryStats, summarize, uniform
+from server.serving.experiments import Arm, Experiment, MemoryStats, summarize, uniform
 
 
 def test_uniform_is_a_fixed_function_of_its_inputs() -> None:

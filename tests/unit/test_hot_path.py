@@ -13,13 +13,13 @@ import orjson
 import pytest
 from gunicorn.config import Config
 
-from server import metrics
 from server.errors import ApiError
-from server.inference import Columns, predict_columns, to_matrix
-from server.logs import AccessLog, JsonFormatter
-from server.registry import ModelRegistry
-from server.web import new_request_id
-from server.worker import QuietLogger
+from server.http.context import new_request_id
+from server.model.predict import Columns, predict_columns, to_matrix
+from server.model.registry import ModelRegistry
+from server.runtime import prometheus as metrics
+from server.runtime.logs import AccessLog, JsonFormatter
+from server.runtime.worker import QuietLogger
 
 
 def test_request_ids_are_32_hex_and_distinct() -> None:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from server import create_app
 from server.config import Settings
-from server.web import json_too_deep
+from server.http.body import json_too_deep
 
 ROW = [5.1, 3.5, 1.4, 0.2]
 

@@ -21,10 +21,11 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from server.inference import predict_matrix
-from server.onnx_backend import TOLERANCE, compile_onnx
-from server.registry import LoadedVersion, ModelRegistry, build_version
-from server.repository import ModelRepository, VersionOnDisk
+from server.model.loaded import LoadedVersion, build_version
+from server.model.onnx import TOLERANCE, compile_onnx
+from server.model.predict import predict_matrix
+from server.model.registry import ModelRegistry
+from server.model.repository import ModelRepository, VersionOnDisk
 
 needs_onnx = pytest.mark.skipif(find_spec("onnxruntime") is None or find_spec("skl2onnx") is None,
                                 reason="requirements-onnx.txt is not installed")
@@ -99,7 +100,7 @@ def test_regressor_sessions_agree_within_1e6(kind: str) -> None:
 def test_forest_rounds_inputs_to_float32_like_scikit_learn() -> None:
     """Rows set exactly on split thresholds (and their float32 neighbours) take scikit-learn's
     branch; without the float32 Cast, the probes catch the float64 graph disagreeing."""
-    import server.onnx_backend as backend
+    import server.model.onnx as backend
 
     est, data = fitted("rf50")
     thresholds = np.concatenate([t.tree_.threshold[t.tree_.feature >= 0]

@@ -6,8 +6,10 @@ from typing import Any
 
 from flask import Blueprint, Response, g
 
+from server.http.auth import require_api_key
+from server.http.body import read_json, validate
+from server.http.context import json_response, request_id, state
 from server.schemas import ABRequest, OutcomeRequest
-from server.web import json_response, read_json, request_id, require_api_key, state, validate
 
 bp = Blueprint("experiments", __name__)
 bp.before_request(require_api_key)

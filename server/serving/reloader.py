@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from server.registry import ModelRegistry, ReloadReport
+from server.model.registry import ModelRegistry, ReloadReport
 
 log = logging.getLogger(__name__)
 

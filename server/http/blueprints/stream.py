@@ -11,12 +11,15 @@ from typing import Any
 
 from flask import Blueprint, Response, g, request
 
-from server import monitor, streaming
-from server.csvstream import feature_positions, open_csv, score_csv
 from server.errors import ApiError, validation_error
-from server.inference import to_matrix
+from server.http.auth import require_api_key
+from server.http.body import choose_target, read_rows
+from server.http.context import counted, sse, state
+from server.model.predict import to_matrix
+from server.protocols import sse as streaming
+from server.protocols.csvrows import feature_positions, open_csv, score_csv
+from server.runtime import figures as monitor
 from server.schemas import BatchRequest
-from server.web import choose_target, counted, read_rows, require_api_key, sse, state
 
 bp = Blueprint("stream", __name__)
 bp.before_request(require_api_key)

@@ -1,6 +1,6 @@
 """Incremental training for ``POST /train/stream``, run in a child process.
 
-``python -m server.training --model-dir D --model M --epochs N [--data CSV] [--seed S]`` reads
+``python -m server.jobs.training --model-dir D --model M --epochs N [--data CSV] [--seed S]`` reads
 a CSV (default ``D/M/data/train.csv``), holds out 25% of the rows, fits a StandardScaler and
 then one shuffled ``partial_fit`` pass of an SGD model per epoch, printing one JSON line per
 epoch; it then writes the pipeline as the model's next version and prints
@@ -35,7 +35,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from server.repository import VERSION_RE, is_valid_name
+from server.model.repository import VERSION_RE, is_valid_name
 
 DATA_FILE = Path("data") / "train.csv"
 TARGET = "target"
@@ -68,7 +68,8 @@ def train_events(
     """
     if not is_valid_name(model):
         raise ValueError(f"invalid model name {model!r}")
-    argv = [sys.executable, "-m", "server.training", "--model-dir", str(Path(model_dir).resolve()),
+    argv = [sys.executable, "-m", "server.jobs.training",
+            "--model-dir", str(Path(model_dir).resolve()),
             "--model", model, "--epochs", str(int(epochs))]
     if data is not None:
         argv += ["--data", str(Path(data).resolve())]
@@ -255,7 +256,7 @@ def train(model_dir: Path, model: str, epochs: int, data: Path | None, seed: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.training")
+    parser = argparse.ArgumentParser(prog="python -m server.jobs.training")
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--epochs", type=int, required=True)

@@ -11,10 +11,12 @@ from flask_sock import Sock
 from pydantic import ValidationError
 from simple_websocket import ConnectionClosed
 
-from server import monitor
 from server.errors import ApiError
+from server.http.auth import require_api_key
+from server.http.body import refuse_deep_json
+from server.http.context import state
+from server.runtime import figures as monitor
 from server.schemas import PredictRequest, error_details
-from server.web import refuse_deep_json, require_api_key, state
 
 bp = Blueprint("ws", __name__)
 bp.before_request(require_api_key)

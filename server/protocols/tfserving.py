@@ -1,6 +1,6 @@
 """TF Serving REST (v1) shapes over our models: paths, request bodies, signatures, answers.
 
-Pure helpers for ``server.blueprints.v1_tfserving`` (no Flask here). What a model looks like
+Pure helpers for ``server.http.blueprints.v1_tfserving`` (no Flask here). What a model looks like
 to a TF Serving client:
 
 - One input tensor ``inputs``: DT_DOUBLE ``[-1, n_features]`` (its TensorInfo also carries a
@@ -32,8 +32,9 @@ import pydantic_core
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from server.errors import ApiError, not_found, validation_error
-from server.inference import to_matrix
-from server.registry import LoadedVersion, ModelEntry
+from server.model.loaded import LoadedVersion
+from server.model.predict import to_matrix
+from server.model.registry import ModelEntry
 from server.schemas import Row, error_details
 
 PREDICT = "tensorflow/serving/predict"

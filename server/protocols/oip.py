@@ -17,7 +17,7 @@ import orjson
 import pydantic_core
 
 from server.errors import ApiError
-from server.registry import LoadedVersion
+from server.model.loaded import LoadedVersion
 
 DTYPES = {"FP64": "<f8", "FP32": "<f4", "INT64": "<i8", "INT32": "<i4", "INT16": "<i2",
           "INT8": "i1", "UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",

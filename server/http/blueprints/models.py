@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from flask import Blueprint, Response
 
-from server.web import json_response, require_api_key, state
+from server.http.auth import require_api_key
+from server.http.context import json_response, state
 
 bp = Blueprint("models", __name__)
 bp.before_request(require_api_key)

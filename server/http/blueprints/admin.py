@@ -7,7 +7,8 @@ import os
 from flask import Blueprint, Response, send_file
 
 from server.errors import not_found
-from server.web import json_response, require_admin, state
+from server.http.auth import require_admin
+from server.http.context import json_response, state
 
 bp = Blueprint("admin", __name__)
 bp.before_request(require_admin)

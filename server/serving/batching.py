@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from server import metrics
-from server.registry import LoadedVersion
+from server.model.loaded import LoadedVersion
+from server.runtime import prometheus as metrics
 
 log = logging.getLogger(__name__)
 

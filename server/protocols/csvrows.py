@@ -12,7 +12,7 @@ from typing import IO, Any
 import numpy as np
 
 from server.errors import ApiError
-from server.registry import LoadedVersion
+from server.model.loaded import LoadedVersion
 
 CHUNK_ROWS = 1000
 

@@ -19,7 +19,7 @@ import redis
 from scipy import stats
 
 from server.errors import ApiError, not_found
-from server.registry import ModelRegistry
+from server.model.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,11 @@ from typing import Any
 
 from flask import Blueprint, Response, g, request
 
-from server import oip
 from server.errors import ApiError
-from server.registry import LoadedVersion
-from server.web import json_response, require_api_key, state
+from server.http.auth import require_api_key
+from server.http.context import json_response, state
+from server.model.loaded import LoadedVersion
+from server.protocols import oip
 
 bp = Blueprint("v2_oip", __name__, url_prefix="/v2")
 bp.before_request(require_api_key)

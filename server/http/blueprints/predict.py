@@ -6,18 +6,11 @@ from typing import Any
 
 from flask import Blueprint, Response, g
 
-from server.inference import Outcome
+from server.http.auth import require_api_key
+from server.http.body import choose_target, read_json, read_rows, validate
+from server.http.context import json_response, request_id, state
 from server.schemas import BatchRequest, PredictRequest
-from server.web import (
-    choose_target,
-    json_response,
-    read_json,
-    read_rows,
-    request_id,
-    require_api_key,
-    state,
-    validate,
-)
+from server.serving.dataplane import Outcome
 
 bp = Blueprint("predict", __name__)
 bp.before_request(require_api_key)

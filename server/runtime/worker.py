@@ -1,5 +1,5 @@
 """The gunicorn worker class: gunicorn's gevent worker with fixes for slow clients, restarts
-and killed instances (``worker_class = "server.worker.GeventWorker"`` in gunicorn.conf.py).
+and killed instances (``worker_class = "server.runtime.worker.GeventWorker"`` in gunicorn.conf.py).
 
 - Client sockets get a read/write timeout (CLIENT_TIMEOUT_SECONDS). The stock gevent worker
   puts them in blocking mode with no timeout: a request head is bounded by KEEPALIVE (gunicorn

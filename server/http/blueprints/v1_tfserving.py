@@ -3,16 +3,17 @@
 ``GET /v1/models/<m>[/versions/<v>|/labels/<l>][/metadata]`` and
 ``POST /v1/models/<m>[/versions/<v>|/labels/<l>]:predict|:classify|:regress``.
 
-What the answers hold (details in ``server.tfserving``): a ``:predict`` element is a
+What the answers hold (details in ``server.protocols.tfserving``): a ``:predict`` element is a
 classifier's probability vector in class order (TF classifiers' default signature), or a
 regressor's float; ``signature_name: "predict"`` adds the predicted class as ``predictions``.
 ``:classify`` gives ``[[class_name, probability], ...]`` per example and ``:regress`` one float
 per example; the other task's verb is a 400. Errors are ``{"error": "..."}`` only, with TF
 Serving's codes: our 422 (invalid argument) becomes 400.
 
-One route takes everything after ``/v1/models/`` and ``server.tfserving.parse_path`` reads it:
-Flask's converters would take ``iris:predict`` for a model name. The body is read as JSON
-whatever its Content-Type, because TF Serving does and ``curl -d`` sends a form type.
+One route takes everything after ``/v1/models/`` and
+``server.protocols.tfserving.parse_path`` reads it: Flask's converters would take
+``iris:predict`` for a model name. The body is read as JSON whatever its Content-Type,
+because TF Serving does and ``curl -d`` sends a form type.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import logging
 from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from server import tfserving as tf
 from server.errors import ApiError, not_found
-from server.registry import LoadedVersion
-from server.web import as_api_error, json_response, request_id, require_api_key, state
+from server.http.app import as_api_error
+from server.http.auth import require_api_key
+from server.http.context import json_response, request_id, state
+from server.model.loaded import LoadedVersion
+from server.protocols import tfserving as tf
 
 log = logging.getLogger(__name__)
 

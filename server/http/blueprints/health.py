@@ -7,9 +7,10 @@ import time
 
 from flask import Blueprint, Response
 
-from server import metrics
-from server.monitor import resident_mb
-from server.web import json_response, require_metrics_key, state
+from server.http.auth import require_metrics_key
+from server.http.context import json_response, state
+from server.runtime import prometheus as metrics
+from server.runtime.figures import resident_mb
 
 bp = Blueprint("health", __name__)
 

@@ -17,11 +17,13 @@ from typing import Any
 from flask import Blueprint, Response, g, request
 from pydantic import BaseModel, ConfigDict, Field
 
-from server import streaming
 from server.errors import ApiError, not_found, validation_error
-from server.repository import inside, is_valid_name
-from server.training import TARGET, data_path, train_events
-from server.web import ServerState, read_json, require_admin, sse, state, validate
+from server.http.auth import require_admin
+from server.http.body import read_json, validate
+from server.http.context import ServerState, sse, state
+from server.jobs.training import TARGET, data_path, train_events
+from server.model.repository import inside, is_valid_name
+from server.protocols import sse as streaming
 
 bp = Blueprint("train", __name__)
 bp.before_request(require_admin)

@@ -1,0 +1,107 @@
+"""Flask glue shared by every blueprint: JSON in and out, request ids, access log, auth,
+and the one place where errors become JSON responses."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException
+
+from server.errors import ApiError
+from server.http.body import BodyRequest
+from server.http.context import ServerState, json_response, new_request_id, request_id, state
+from server.runtime import prometheus as metrics
+from server.runtime.logs import AccessLog
+
+log = logging.getLogger("server.access")
+
+
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+HTTP_CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 406: "not_acceptable", 408: "request_timeout",
+    411: "length_required", 413: "body_too_large", 414: "uri_too_long",
+    415: "unsupported_media_type", 429: "rate_limited", 431: "headers_too_large",
+}
+
+
+def as_api_error(exc: HTTPException) -> ApiError:
+    """A werkzeug/Flask HTTP error (404, 405, 413, 429...) as our ApiError."""
+    status = exc.code or 500
+    message = exc.description or exc.name
+    if status == 413:
+        message = f"request body larger than {state().settings.max_body_bytes} bytes"
+    headers = dict(exc.get_headers()) if status in (405, 429) else {}
+    headers.pop("Content-Type", None)
+    return ApiError(status, HTTP_CODES.get(status, "http_error"), message, headers=headers)
+
+
+def _error_response(err: ApiError) -> Response:
+    body = err.body()
+    body["request_id"] = request_id()
+    return json_response(body, err.status, err.headers)
+
+
+def install(app: Flask) -> None:
+    """Request ids, access log, body reading and error handlers.
+
+    These hooks run on every request: they fetch the request, ``g`` and the server state
+    once each rather than through Flask's context proxies on every access, and count into
+    cached Prometheus children (see ``server.runtime.prometheus.child``)."""
+    depth = app.extensions["model_server"].settings.max_json_depth
+    app.request_class = type("AppRequest", (BodyRequest,), {"max_json_depth": depth})
+    access = AccessLog()
+
+    @app.before_request
+    def _start() -> None:
+        sent = request.headers.get("X-Request-ID", "")
+        ctx = g._get_current_object()  # type: ignore[attr-defined]
+        ctx.request_id = sent if REQUEST_ID_RE.match(sent) else new_request_id()
+        ctx.t0 = time.perf_counter()
+        metrics.IN_FLIGHT.inc()
+
+    @app.teardown_request
+    def _done(_: BaseException | None) -> None:
+        metrics.IN_FLIGHT.dec()
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        ctx = g._get_current_object()  # type: ignore[attr-defined]
+        served: ServerState = app.extensions["model_server"]
+        rid = ctx.get("request_id", "")
+        response.headers["X-Request-ID"] = rid
+        if served.draining:
+            response.headers["Connection"] = "close"  # let keep-alive clients move on
+        now = time.perf_counter()
+        latency = (now - ctx.get("t0", now)) * 1000
+        status = response.status_code
+        served.metrics.observe(latency, status)
+        rule = req.url_rule.rule if req.url_rule is not None else None
+        route = rule or "unmatched"
+        method = req.method if req.method in metrics.METHODS else "other"
+        metrics.child(metrics.REQUESTS, route, method, str(status)).inc()
+        metrics.child(metrics.LATENCY, route).observe(latency / 1000)
+        if access.enabled():
+            access.write({
+                "request_id": rid, "method": req.method[:16], "route": rule, "path": req.path,
+                "status": status, "latency_ms": round(latency, 3), "model": ctx.get("model"),
+                "version": ctx.get("version"), "cache": ctx.get("cache"),
+            })
+        return response
+
+    @app.errorhandler(ApiError)
+    def _api_error(err: ApiError) -> Response:
+        return _error_response(err)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        return _error_response(as_api_error(exc))
+
+    @app.errorhandler(Exception)
+    def _crash(exc: Exception) -> Response:
+        log.exception("unhandled error", extra={"request_id": request_id()})
+        return _error_response(ApiError(500, "internal_error", "internal server error"))

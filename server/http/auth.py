@@ -1,0 +1,97 @@
+"""API keys, the admin token, the metrics key, rate limits and CORS."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+
+from flask import Flask, request
+
+from server.config import Settings
+from server.errors import ApiError
+from server.http.context import state
+
+log = logging.getLogger("server.access")
+
+
+def _presented_token(*headers: str) -> str:
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    for name in headers:
+        if request.headers.get(name):
+            return request.headers[name]
+    return ""
+
+
+def _matches(presented: str, allowed: list[str]) -> bool:
+    # Compare against every key so the time taken says nothing about which one matched.
+    hit = False
+    for key in allowed:
+        hit |= hmac.compare_digest(presented.encode(), key.encode())
+    return hit
+
+
+def require_admin() -> None:
+    token = state().settings.admin_token
+    if not token:
+        raise ApiError(403, "admin_disabled", "admin endpoints are off: set ADMIN_TOKEN")
+    presented = _presented_token("X-Admin-Token")
+    if not presented or not _matches(presented, [token]):
+        raise ApiError(401, "unauthorized", "admin token missing or wrong",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_api_key() -> None:
+    keys = state().settings.api_key_list
+    if not keys:
+        return
+    presented = _presented_token("X-API-Key")
+    if not presented or not _matches(presented, keys):
+        raise ApiError(401, "unauthorized", "API key missing or wrong",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def client_key() -> str:
+    """Who a rate limit counts: the API key presented (hashed, never stored as is), else
+    the client address."""
+    presented = _presented_token("X-API-Key")
+    if presented:
+        return "key:" + hashlib.sha256(presented.encode()).hexdigest()[:16]
+    return "addr:" + (request.remote_addr or "unknown")
+
+
+def install_cors(app: Flask, settings: Settings) -> None:
+    """Cross-origin browsers only when configured (off by default)."""
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        from flask_cors import CORS
+
+        CORS(app, origins=origins, expose_headers=["X-Request-ID", "X-Cache", "Retry-After"],
+             allow_headers=["Content-Type", "Authorization", "X-API-Key", "X-Request-ID"])
+
+
+def require_metrics_key() -> None:
+    key = state().settings.metrics_key
+    if key and not _matches(_presented_token("X-API-Key"), [key]):
+        raise ApiError(401, "unauthorized", "metrics key missing or wrong",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def install_rate_limits(app: Flask, settings: Settings) -> None:
+    if not settings.rate_limit:
+        return
+    from flask_limiter import Limiter
+
+    open_paths = {"/health", "/ready", "/metrics"}
+    Limiter(
+        client_key, app=app, default_limits=[settings.rate_limit],
+        storage_uri=settings.redis_url or "memory://",
+        storage_options={"socket_timeout": settings.redis_timeout,  # type: ignore[dict-item]
+                         "socket_connect_timeout": settings.redis_timeout},  # type: ignore[dict-item]
+        headers_enabled=True, swallow_errors=True,  # Redis down: serve, don't 500
+        default_limits_exempt_when=lambda: request.path in open_paths,
+    )
+
+

@@ -1,0 +1,561 @@
+"""``python -m server.score MODEL[:VERSION] INPUT OUTPUT``: offline batch scoring.
+
+The model is loaded and answered exactly as the server does (``ModelRegistry.resolve`` and
+``predict_matrix`` on float64 rows); the output is the input's columns plus
+``csvstream.output_columns``. CSV or Parquet in and out, chosen by file extension.
+
+Constant memory and resumable: the input is read in chunks of ``--chunk-rows``; chunk ``k``
+is written to ``OUTPUT.parts/part-0000k.<ext>`` (its ``rejects-0000k.csv`` and ``.json``
+manifest first, the data part last, each by atomic rename), so a killed run leaves only whole
+chunks and a re-run skips them. The parts are then streamed into OUTPUT and their rejects into
+``OUTPUT.rejects.csv`` (``row`` counts data rows from 1, header excluded). Parts are kept
+so deleting OUTPUT and re-running only concatenates; ``--clean`` removes them at the end.
+
+Bad rows (not a number, NaN/infinity, a missing value) never abort the run: they keep their
+place in OUTPUT with the reason in ``error`` and are listed in the rejects file. Exit code 2
+when the input (or the model) cannot be used at all, else 0.
+
+``--dask local|tcp://HOST:PORT`` scores the same chunks with ``dask.dataframe``
+``map_partitions`` on a cluster (``local``: a LocalCluster of 2 worker processes); the
+loaded model is scattered once to every worker, and each worker writes the parts it scores
+(so with a remote scheduler, OUTPUT and INPUT must be on storage the workers share).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import pandas as pd
+
+from server.errors import ApiError
+from server.model.loaded import LoadedVersion
+from server.model.predict import predict_matrix
+from server.model.registry import ModelRegistry
+from server.model.repository import ModelRepository
+from server.protocols.csvrows import feature_positions, output_columns
+
+log = logging.getLogger("server.score")
+
+EXIT_UNREADABLE = 2
+REJECT_COLUMNS = ["row", "reason"]
+
+
+class Unusable(Exception):
+    """The input or the model cannot be used at all: exit 2 with this message."""
+
+
+def file_format(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    if name.endswith((".csv", ".csv.gz", ".csv.bz2", ".csv.zst", ".csv.xz")):
+        return "csv"
+    raise Unusable(f"{path}: unknown format (use .csv or .parquet)")
+
+
+# --- Scoring one chunk (also what each Dask partition runs) ---------------------------------
+def score_frame(lv: LoadedVersion, frame: pd.DataFrame, positions: list[int]) -> pd.DataFrame:
+    """``frame`` with the output columns appended; a row that cannot be scored keeps empty
+    predictions and its reason in ``error``. One model call for all good rows."""
+    n = len(frame)
+    X = np.empty((n, len(positions)), dtype="<f8")
+    reasons = np.full(n, "", dtype=object)
+    names = lv.feature_names or tuple(str(frame.columns[p]) for p in positions)
+    for j, pos in enumerate(positions):
+        column = frame.iloc[:, pos]
+        values = pd.to_numeric(column, errors="coerce").to_numpy(dtype="<f8", na_value=np.nan)
+        X[:, j] = values
+        bad = ~np.isfinite(values)
+        if bad.any():  # rare: a Python loop over the bad rows only
+            for i in np.flatnonzero(bad & (reasons == "")):
+                reasons[i] = _reason(column.iat[i], names[j])
+    ok = reasons == ""
+    keys = [c for c in output_columns(lv) if c != "error"]
+    good = np.flatnonzero(ok)
+    results = _predict(lv, X[good], reasons, good) if len(good) else []
+    scored = frame.copy()
+    for k in keys:
+        answers = [None if r is None else r.get(k) for r in results]
+        if len(good) == n:
+            scored[k] = pd.Series(answers, index=frame.index, dtype=object)
+        else:
+            column = np.full(n, None, dtype=object)
+            for i, a in zip(good, answers):
+                column[i] = a
+            scored[k] = column
+    scored["error"] = reasons
+    return scored
+
+
+def score_partition_to_part(frame: pd.DataFrame, lv: LoadedVersion, positions: list[int],
+                            parts: Parts, partition_info: dict[str, Any] | None = None
+                            ) -> pd.DataFrame:
+    """What a Dask worker runs: score partition k and write it as part k."""
+    assert partition_info is not None  # dask passes it because the signature names it
+    k = int(partition_info["number"])
+    bad = parts.write(k, score_frame(lv, frame, positions))
+    return pd.DataFrame({"rows": [len(frame)], "bad": [bad]})
+
+
+def _predict(lv: LoadedVersion, X: np.ndarray, reasons: np.ndarray,
+             where: np.ndarray) -> list[dict[str, Any] | None]:
+    try:
+        return list(predict_matrix(lv, X))
+    except (ValueError, TypeError):
+        pass
+    # The model refused the chunk (e.g. an overflowing output): find the rows row by row.
+    results: list[dict[str, Any] | None] = []
+    for i, row in zip(where, X):
+        try:
+            results.append(predict_matrix(lv, row[None, :])[0])
+        except (ValueError, TypeError) as exc:
+            reasons[i] = f"model rejected the input: {exc}"[:300]
+            results.append(None)
+    return results
+
+
+def _reason(raw: Any, feature: str) -> str:
+    if raw is None or (isinstance(raw, float) and math.isnan(raw)) or \
+            (isinstance(raw, str) and not raw.strip()) or raw is pd.NA:
+        return f"missing value for feature '{feature}'"
+    try:
+        float(raw)
+    except (TypeError, ValueError):
+        return f"not a number for feature '{feature}': {str(raw)[:60]!r}"
+    return f"NaN or infinity for feature '{feature}'"
+
+
+# --- Reading ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    fmt: str
+    columns: list[str]
+    total_rows: int | None  # known for Parquet
+    size: int
+
+
+def open_source(path: Path) -> Source:
+    fmt = file_format(path)
+    try:
+        size = path.stat().st_size
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            meta = pq.ParquetFile(path).metadata
+            names = list(meta.schema.to_arrow_schema().names)
+            return Source(path, fmt, names, meta.num_rows, size)
+        header = pd.read_csv(path, nrows=0, dtype=str).columns
+    except (OSError, ValueError, ImportError) as exc:  # pandas/pyarrow errors subclass these
+        raise Unusable(f"cannot read {path}: {exc}") from exc
+    return Source(path, fmt, [str(c) for c in header], None, size)
+
+
+def csv_options(source: Source) -> dict[str, Any]:
+    # Strings in, so passthrough columns come out as written; usecols tolerates extra fields
+    # on a line, and a short line reads as empty values (reported as missing).
+    return {"dtype": str, "keep_default_na": False, "na_filter": False,
+            "usecols": list(range(len(source.columns)))}
+
+
+def read_chunks(source: Source, chunk_rows: int) -> Iterator[tuple[pd.DataFrame, float]]:
+    """(chunk, fraction of the input read so far)."""
+    if source.fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        done = 0
+        for batch in pq.ParquetFile(source.path).iter_batches(batch_size=chunk_rows):
+            done += batch.num_rows
+            yield batch.to_pandas(), done / max(source.total_rows or 1, 1)
+        return
+    with source.path.open("rb") as fh:
+        reader = pd.read_csv(fh, chunksize=chunk_rows, **csv_options(source))
+        for chunk in reader:
+            yield chunk, min(fh.tell() / max(source.size, 1), 1.0)
+
+
+# --- Parts on disk ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    """What the parts were made from; parts of another job are discarded, not mixed in."""
+
+    input: str
+    input_size: int
+    input_mtime_ns: int
+    model: str
+    version: str
+    sha256: str
+    chunk_rows: int
+    mode: str  # "single" or "dask": they cut the input differently
+    out_format: str
+
+
+class Parts:
+    def __init__(self, output: Path, fmt: str, job: Job, prediction: Any = None) -> None:
+        self.output, self.fmt, self.prediction = output, fmt, prediction
+        self.dir = Path(f"{output}.parts")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        stamp = self.dir / "job.json"
+        wanted = asdict(job)
+        if stamp.exists():
+            try:
+                same = json.loads(stamp.read_text()) == wanted
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                log.warning("parts in %s come from another input, model or chunk size: "
+                            "starting over", self.dir)
+                shutil.rmtree(self.dir)
+                self.dir.mkdir(parents=True)
+        if not stamp.exists():
+            _atomic_write(stamp, json.dumps(wanted).encode())
+
+    def data(self, k: int) -> Path:
+        return self.dir / f"part-{k:05d}.{self.fmt}"
+
+    def manifest(self, k: int) -> Path:
+        return self.dir / f"part-{k:05d}.json"
+
+    def rejects(self, k: int) -> Path:
+        return self.dir / f"rejects-{k:05d}.csv"
+
+    def done(self, k: int) -> bool:
+        return self.data(k).exists() and self.manifest(k).exists()
+
+    def rows(self, k: int) -> int:
+        return int(json.loads(self.manifest(k).read_text())["rows"])
+
+    def write(self, k: int, scored: pd.DataFrame) -> int:
+        """Write chunk ``k``; the data part is renamed into place last. Returns bad rows."""
+        bad = scored["error"].to_numpy() != ""
+        rejects = pd.DataFrame({"row": np.flatnonzero(bad) + 1,  # within the chunk
+                                "reason": scored["error"].to_numpy()[bad]})
+        tmp = self.rejects(k).with_suffix(".tmp")
+        rejects.to_csv(tmp, index=False)
+        os.replace(tmp, self.rejects(k))
+        _atomic_write(self.manifest(k), json.dumps({"rows": len(scored),
+                                                    "bad": int(bad.sum())}).encode())
+        tmp = self.data(k).with_name(self.data(k).name + ".tmp")
+        if self.fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            pq.write_table(to_arrow(scored, self.prediction), tmp)
+        else:
+            scored.to_csv(tmp, index=False)
+        os.replace(tmp, self.data(k))
+        return int(bad.sum())
+
+    def concatenate(self, count: int) -> tuple[int, int]:
+        """Stream parts 0..count-1 into OUTPUT and OUTPUT.rejects.csv; (rows, bad rows)."""
+        rows = bad = 0
+        tmp = self.output.with_name(self.output.name + ".tmp")
+        rejects_path = Path(f"{self.output}.rejects.csv")
+        rejects_tmp = rejects_path.with_name(rejects_path.name + ".tmp")
+        writer = None
+        with open(rejects_tmp, "w", encoding="utf-8", newline="") as rejects_out:
+            rejects_out.write(",".join(REJECT_COLUMNS) + "\n")
+            with (open(tmp, "wb") if self.fmt == "csv" else _nullcontext()) as csv_out:
+                for k in range(count):
+                    part = self.data(k)
+                    if self.fmt == "csv":
+                        with part.open("rb") as fh:
+                            header = fh.readline()
+                            if k == 0:
+                                csv_out.write(header)
+                            shutil.copyfileobj(fh, csv_out, 1 << 20)
+                    else:
+                        import pyarrow.parquet as pq
+
+                        pf = pq.ParquetFile(part)
+                        if writer is None:
+                            writer = pq.ParquetWriter(tmp, pf.schema_arrow)
+                        for g in range(pf.num_row_groups):
+                            writer.write_table(pf.read_row_group(g).cast(writer.schema))
+                    for chunk in pd.read_csv(self.rejects(k), chunksize=100_000,
+                                             dtype={"row": "int64", "reason": str},
+                                             keep_default_na=False):
+                        chunk["row"] += rows
+                        chunk.to_csv(rejects_out, index=False, header=False)
+                        bad += len(chunk)
+                    rows += self.rows(k)
+        if writer is not None:
+            writer.close()
+        elif self.fmt == "parquet":  # no chunk at all: an empty file with no columns
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({}), tmp)
+        os.replace(tmp, self.output)
+        os.replace(rejects_tmp, rejects_path)
+        return rows, bad
+
+
+class _nullcontext:
+    def __enter__(self) -> Any:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def to_arrow(scored: pd.DataFrame, prediction: Any) -> Any:
+    """Arrow types fixed by column, so a chunk of only bad rows has its siblings' schema."""
+    import pyarrow as pa
+
+    fields = {}
+    for name in scored.columns:
+        values = scored[name]
+        if name in ("label", "error"):
+            fields[name] = pa.array(values.to_numpy(), type=pa.string(), from_pandas=True)
+        elif name == "confidence":
+            fields[name] = pa.array(values.to_numpy(), type=pa.float64(), from_pandas=True)
+        elif name == "prediction":
+            fields[name] = pa.array(values.to_numpy(), type=prediction,
+                                    from_pandas=True)
+        else:
+            fields[name] = pa.Array.from_pandas(values)
+    return pa.table(fields)
+
+
+def prediction_type(lv: LoadedVersion) -> Any:
+    """The Arrow type of ``prediction``: from the model, never from one chunk's values."""
+    import pyarrow as pa
+
+    classes = lv.classes if lv.task == "classification" else None
+    if classes and all(isinstance(c, str) for c in classes):
+        return pa.string()
+    if classes and all(isinstance(c, int) and not isinstance(c, bool) for c in classes):
+        return pa.int64()
+    if classes and all(isinstance(c, bool) for c in classes):
+        return pa.bool_()
+    return pa.float64()
+
+
+# --- Progress --------------------------------------------------------------------------------
+class Progress:
+    """tqdm (rows/s, ETA) on a terminal, else one plain log line per chunk."""
+
+    def __init__(self, total: int | None, stream: IO[str] | None = None) -> None:
+        stream = stream if stream is not None else sys.stderr
+        self.stream, self.total, self.rows, self.started = stream, total, 0, time.monotonic()
+        self.bar: Any = None
+        self.mode = "log"
+        if stream.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="rows", unit_scale=True, file=stream,
+                                dynamic_ncols=True)
+                self.mode = "tqdm"
+            except ImportError:
+                self.mode = "line"  # a simple \r line
+
+    def update(self, chunk: int, rows: int, bad: int, fraction: float, skipped: bool) -> None:
+        self.rows += rows
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        total = self.total or (round(self.rows / fraction) if fraction > 0 else None)
+        rate = self.rows / elapsed
+        eta = (total - self.rows) / rate if total and rate else 0.0
+        if self.mode == "tqdm":
+            if total and self.bar.total != total:
+                self.bar.total = total
+            self.bar.update(rows)
+        elif self.mode == "line":
+            self.stream.write(f"\r{self.rows:,}/{total or '?'} rows  {rate:,.0f} rows/s  "
+                              f"ETA {eta:,.0f} s ")
+            self.stream.flush()
+        else:
+            what = "skipped (already written)" if skipped else f"scored, {bad} bad"
+            self.stream.write(f"chunk {chunk}: {rows} rows {what}; {self.rows:,}/"
+                              f"{total or '?'} rows, {rate:,.0f} rows/s, ETA {eta:,.0f} s\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.mode == "tqdm":
+            self.bar.close()
+        elif self.mode == "line":
+            self.stream.write("\n")
+
+
+# --- Runs ------------------------------------------------------------------------------------
+def load_model(model_dir: Path, spec: str) -> LoadedVersion:
+    name, _, version = spec.partition(":")
+    registry = ModelRegistry(ModelRepository(model_dir))
+    registry.reload()
+    try:
+        return registry.resolve(name, version or None)
+    except ApiError as exc:
+        raise Unusable(f"{exc.message} (model dir {model_dir})") from exc
+
+
+def run_single(lv: LoadedVersion, source: Source, parts: Parts, positions: list[int],
+               chunk_rows: int) -> int:
+    progress = Progress(source.total_rows)
+    k = -1
+    try:
+        for k, (chunk, fraction) in enumerate(read_chunks(source, chunk_rows)):
+            if parts.done(k):
+                progress.update(k, len(chunk), 0, fraction, skipped=True)
+                continue
+            bad = parts.write(k, score_frame(lv, chunk, positions))
+            progress.update(k, len(chunk), bad, fraction, skipped=False)
+    finally:
+        progress.close()
+    return k + 1
+
+
+def run_dask(lv: LoadedVersion, source: Source, parts: Parts, positions: list[int],
+             chunk_rows: int, address: str) -> int:
+    import dask.dataframe as dd
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    if source.fmt == "parquet":
+        ddf = dd.read_parquet(source.path, split_row_groups=True)
+    else:
+        ddf = dd.read_csv(source.path, blocksize=_blocksize(source.path, chunk_rows),
+                          **csv_options(source))
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                           dashboard_address=None, silence_logs=logging.WARNING) \
+        if address == "local" else None
+    client = Client(cluster if cluster is not None else address)
+    progress = Progress(None)
+    try:
+        # The model travels once to each worker; every partition task refers to that copy.
+        model = client.scatter(lv, broadcast=True, hash=False)
+        meta = pd.DataFrame({"rows": pd.Series(dtype="int64"), "bad": pd.Series(dtype="int64")})
+        # Each worker writes its partition's part itself (atomic rename, as single-process):
+        # only two numbers come back, not the scored rows.
+        pieces = ddf.map_partitions(score_partition_to_part, model, positions, parts,
+                                    meta=meta).to_delayed()
+        todo = [k for k in range(len(pieces)) if not parts.done(k)]
+        finished = 0
+        for k in range(len(pieces)):
+            if parts.done(k):
+                finished += 1
+                progress.update(k, parts.rows(k), 0, finished / len(pieces), skipped=True)
+        window = 4 * max(len(client.scheduler_info()["workers"]), 1)
+        pending = iter(todo)
+        running = as_completed()
+        chunk_of: dict[Any, int] = {}
+
+        def submit(k: int) -> None:
+            future = client.compute(pieces[k])
+            chunk_of[future.key] = k
+            running.add(future)
+
+        for k in [k for _, k in zip(range(window), pending)]:
+            submit(k)
+        for future in running:
+            k = chunk_of.pop(future.key)
+            counts = future.result()
+            finished += 1
+            progress.update(k, int(counts["rows"].iloc[0]), int(counts["bad"].iloc[0]),
+                            finished / len(pieces), skipped=False)
+            future.release()
+            nxt = next(pending, None)
+            if nxt is not None:
+                submit(nxt)
+        return len(pieces)
+    finally:
+        progress.close()
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _blocksize(path: Path, chunk_rows: int) -> int:
+    """Bytes per Dask partition so one holds about ``chunk_rows`` rows."""
+    with path.open("rb") as fh:
+        sample = fh.read(1 << 20)
+    lines = max(sample.count(b"\n"), 1)
+    return max(int(len(sample) / lines * chunk_rows), 1 << 10)
+
+
+def score(model_dir: Path, spec: str, input_path: Path, output: Path, chunk_rows: int,
+          dask: str | None = None, clean: bool = False) -> int:
+    try:
+        out_fmt = file_format(output)
+        source = open_source(input_path)
+        lv = load_model(model_dir, spec)
+        try:
+            positions = feature_positions(lv, source.columns)
+        except ApiError as exc:
+            raise Unusable(f"{input_path}: {exc.message}") from exc
+    except Unusable as exc:
+        print(f"score: {exc}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    st = input_path.stat()
+    job = Job(str(input_path.resolve()), st.st_size, st.st_mtime_ns, lv.name, lv.version,
+              lv.sha256, chunk_rows, "dask" if dask else "single", out_fmt)
+    parts = Parts(output, out_fmt, job,
+                  prediction_type(lv) if out_fmt == "parquet" else None)
+    started = time.monotonic()
+    try:
+        if dask:
+            count = run_dask(lv, source, parts, positions, chunk_rows, dask)
+        else:
+            count = run_single(lv, source, parts, positions, chunk_rows)
+    except (OSError, ValueError) as exc:  # a file that breaks part way (truncated, corrupt)
+        print(f"score: cannot read {input_path} past the chunks already written: {exc}",
+              file=sys.stderr)
+        return EXIT_UNREADABLE
+    if count == 0:  # a header and no rows: still an OUTPUT with every column
+        empty = pd.DataFrame({c: pd.Series(dtype=str) for c in source.columns})
+        parts.write(0, score_frame(lv, empty, positions))
+        count = 1
+    rows, bad = parts.concatenate(count)
+    if clean:
+        shutil.rmtree(parts.dir)
+    elapsed = time.monotonic() - started
+    print(f"score: {rows:,} rows ({bad:,} rejected) with {lv.name} v{lv.version} in "
+          f"{elapsed:.1f} s ({rows / max(elapsed, 1e-9):,.0f} rows/s) -> {output}",
+          file=sys.stderr)
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m server.score", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="MODEL or MODEL:VERSION (a number or a label)")
+    parser.add_argument("input", type=Path, help=".csv or .parquet")
+    parser.add_argument("output", type=Path, help=".csv or .parquet")
+    parser.add_argument("--model-dir", type=Path, default=Path("models"))
+    parser.add_argument("--chunk-rows", type=int, default=50_000)
+    parser.add_argument("--dask", metavar="SCHEDULER", default=None,
+                        help="'local' (LocalCluster, 2 worker processes) or tcp://HOST:PORT")
+    parser.add_argument("--clean", action="store_true",
+                        help="remove OUTPUT.parts after a complete run (no resume then)")
+    args = parser.parse_args(argv)
+    if args.chunk_rows < 1:
+        parser.error("--chunk-rows must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return score(args.model_dir, args.model, args.input, args.output, args.chunk_rows,
+                 args.dask, args.clean)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
