@@ -162,7 +162,7 @@ def post_worker_init(worker):
             deadline = time.monotonic() + timeout
             worker.offer_listeners(lambda: len(terms) == 1 and time.monotonic() < deadline)
         if state is not None:
-            state.draining = True
+            state.front.draining = True
         worker.draining = True
         if drain_seconds > 0:
             gevent.sleep(drain_seconds)

@@ -39,21 +39,29 @@ def create_app(settings: Settings | None = None) -> Flask:
     from server.model.registry import ModelRegistry, ReloadReport
     from server.model.repository import ModelRepository
     from server.runtime import prometheus as metrics
+    from server.runtime.blas import limit_blas_threads
     from server.runtime.events import EventLog
     from server.runtime.figures import WorkerMetrics
     from server.runtime.logs import configure_logging
-    from server.serving.batching import MicroBatcher, gevent_active
+    from server.serving.batching import MicroBatcher, batch_mode, gevent_active
     from server.serving.cache import make_cache, make_redis
     from server.serving.dataplane import DataPlane
     from server.serving.experiments import Experiments, MemoryStats, RedisStats
+    from server.serving.frontdoor import FrontDoor, Limits
     from server.serving.reloader import Reloader
 
     settings = settings or Settings()
     configure_logging(settings.log_level)
+    limit_blas_threads(settings.blas_threads)  # numpy and sklearn are loaded by now
     app = ServerApp(__name__, static_folder=None)  # the dashboard serves its own files
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    # A WebSocket message over MAX_BODY_BYTES closes the socket with 1009 (message too big).
+    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.max_body_bytes}
 
-    registry = ModelRegistry(ModelRepository(settings.model_dir))
+    # Each version is probed for micro-batching as it loads (the registry imports nothing
+    # above it: it takes the probe as a hook).
+    registry = ModelRegistry(ModelRepository(settings.model_dir),
+                             on_load=[lambda lv: batch_mode(lv, predict_matrix)])
     # Created before the first scan so that it notes the reload signal as it was then.
     reloader = Reloader(registry, settings.model_poll_seconds, settings.runtime_dir)
     registry.reload()
@@ -75,6 +83,8 @@ def create_app(settings: Settings | None = None) -> Flask:
                           settings.model_timeout_seconds)
     dataplane.sync_cache()
     events = EventLog(settings.runtime_dir)
+    front = FrontDoor(registry, dataplane, Limits(settings.max_batch, settings.stream_max_rows,
+                                                  settings.default_model))
 
     def after_reload(report: ReloadReport) -> None:
         dataplane.on_reload(report)
@@ -105,6 +115,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         reloader=reloader,
         events=events,
         metrics=live,
+        front=front,
         started=time.time(),
     )
     install(app)

@@ -37,3 +37,9 @@ def validation_error(message: str, loc: list[Any], msg: str | None = None) -> Ap
 
 def not_found(what: str, message: str) -> ApiError:
     return ApiError(404, f"{what}_not_found", message)
+
+
+def message_only(err: ApiError, request_id: str = "") -> tuple[int, dict[str, Any]]:
+    """The error shape of TF Serving and the Open Inference Protocol: ``{"error": message}``,
+    with their INVALID_ARGUMENT (400) where the native API says 422."""
+    return (400 if err.status == 422 else err.status), {"error": err.message}

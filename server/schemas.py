@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, TypeAdapter
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 
 LIST_TAG = "[list]"
 OBJECT_TAG = "[object]"
@@ -91,7 +91,13 @@ class OutcomeRequest(BaseModel):
     value: float = Field(ge=-1e12, le=1e12)
 
 
-BareRow = TypeAdapter(Row, config=_STRICT)
+
+class TrainRequest(BaseModel):
+    """What to train: a model that exists, for 1..1000 epochs."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str = Field(min_length=1, max_length=128, description="Model name.")
+    epochs: int = Field(10, ge=1, le=1000, description="Passes over the training rows.")
 
 
 def error_details(errors: list[Any]) -> list[dict[str, Any]]:
@@ -220,6 +226,8 @@ class StatusResponse(BaseModel):
     models: dict[str, ModelStatus]
     last_reload: Optional[float] = Field(description="Unix time of the last repository scan.")
     cache: CacheStatus
+    blas_threads: Optional[int] = Field(
+        None, description="Most threads a BLAS/OpenMP pool of this worker may use (BLAS_THREADS).")
 
 
 class VersionInfo(BaseModel):

@@ -1,18 +1,21 @@
-"""Flask glue shared by every blueprint: JSON in and out, request ids, access log, auth,
-and the one place where errors become JSON responses."""
+"""The hooks every request goes through (request id, metrics, access line) and the one place
+where errors become responses, in the native shape or a protocol's own."""
 
 from __future__ import annotations
 
 import logging
 import re
 import time
+from collections.abc import Callable
+from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Blueprint, Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from server.errors import ApiError
 from server.http.body import BodyRequest
 from server.http.context import ServerState, json_response, new_request_id, request_id, state
+from server.protocols import native
 from server.runtime import prometheus as metrics
 from server.runtime.logs import AccessLog
 
@@ -39,10 +42,31 @@ def as_api_error(exc: HTTPException) -> ApiError:
     return ApiError(status, HTTP_CODES.get(status, "http_error"), message, headers=headers)
 
 
-def _error_response(err: ApiError) -> Response:
-    body = err.body()
-    body["request_id"] = request_id()
-    return json_response(body, err.status, err.headers)
+ErrorShape = Callable[[ApiError, str], tuple[int, dict[str, Any]]]
+
+
+def error_handlers(scope: Flask | Blueprint, shape: ErrorShape) -> None:
+    """Every error raised in ``scope`` (ours, werkzeug's 404/405/413..., or a crash) as one
+    response in the protocol's ``shape``: the app gets the native one, the TF Serving and
+    Open Inference blueprints their own."""
+
+    def render(err: ApiError) -> Response:
+        status, body = shape(err, request_id())
+        return json_response(body, status, err.headers)
+
+    @scope.errorhandler(ApiError)
+    def _api_error(err: ApiError) -> Response:
+        return render(err)
+
+    @scope.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        return render(as_api_error(exc))
+
+    @scope.errorhandler(Exception)
+    def _crash(exc: Exception) -> Response:
+        log.exception("unhandled error", extra={"request_id": request_id()})
+        return render(ApiError(500, "internal_error", "internal server error"))
+
 
 
 def install(app: Flask) -> None:
@@ -74,7 +98,7 @@ def install(app: Flask) -> None:
         served: ServerState = app.extensions["model_server"]
         rid = ctx.get("request_id", "")
         response.headers["X-Request-ID"] = rid
-        if served.draining:
+        if served.front.draining:
             response.headers["Connection"] = "close"  # let keep-alive clients move on
         now = time.perf_counter()
         latency = (now - ctx.get("t0", now)) * 1000
@@ -93,15 +117,4 @@ def install(app: Flask) -> None:
             })
         return response
 
-    @app.errorhandler(ApiError)
-    def _api_error(err: ApiError) -> Response:
-        return _error_response(err)
-
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
-        return _error_response(as_api_error(exc))
-
-    @app.errorhandler(Exception)
-    def _crash(exc: Exception) -> Response:
-        log.exception("unhandled error", extra={"request_id": request_id()})
-        return _error_response(ApiError(500, "internal_error", "internal server error"))
+    error_handlers(app, native.error_answer)

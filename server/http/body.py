@@ -3,24 +3,19 @@ validation, and the model a request names."""
 
 from __future__ import annotations
 
-import logging
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
-import pydantic_core
 from flask import Request, g, request
-from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import ClientDisconnected
 
 from server.errors import ApiError, validation_error
 from server.http.context import state
-from server.schemas import error_details
+from server.model.loaded import LoadedVersion
+from server.protocols import native
+from server.serving.frontdoor import FrontDoor
 
-log = logging.getLogger("server.access")
-
-
-M = TypeVar("M", bound=BaseModel)
-
+# Every byte that neither opens, closes nor quotes anything; dropped before counting depth.
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
 
 
@@ -117,54 +112,22 @@ def read_json() -> Any:
     if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
         raise ApiError(415, "unsupported_media_type",
                        f"expected application/json, got {mimetype}")
-    body = request.get_data(cache=False)
-    if not body.strip():
-        raise ApiError(400, "empty_body", "request body is empty: send a JSON object")
-    try:
-        return pydantic_core.from_json(body, allow_inf_nan=True)
-    except ValueError as exc:
-        raise ApiError(400, "bad_json", f"malformed JSON: {exc}") from exc
+    return native.parse_json(request.get_data(cache=False))
 
 
-def validate(schema: type[M], payload: Any) -> M:
-    if not isinstance(payload, dict):
-        raise ApiError(422, "validation_error", "the body must be a JSON object",
-                       [{"loc": [], "msg": "expected an object"}])
-    try:
-        return schema.model_validate(payload)
-    except ValidationError as exc:
-        details = error_details(exc.errors())
-        first = details[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise ApiError(422, "validation_error", f"{where}: {first['msg']}", details) from exc
-
-
-def read_rows(schema: type[M], limit: int) -> M:
-    """A body with ``instances``, refused with 413 beyond ``limit`` rows before validation."""
-    payload = read_json()
-    rows = payload.get("instances") if isinstance(payload, dict) else None
-    if isinstance(rows, list) and len(rows) > limit:
-        raise ApiError(413, "too_many_rows", f"{len(rows)} rows sent, at most {limit} allowed",
-                       [{"loc": ["instances"], "msg": f"at most {limit} rows"}])
-    return validate(schema, payload)
-
-
-def choose_target(
-    path_model: str | None, body_model: str | None,
-    path_version: str | None, body_version: str | None,
-) -> tuple[str, str | int | None]:
-    """Model and version of a request: the path wins over the body, the body over ``?version=``."""
+def read_target(front: FrontDoor, payload: Any, path_model: str | None,
+                path_version: str | None, where: str) -> LoadedVersion:
+    """The version a request names: the path wins over the body, the body over
+    ``?version=``; ``where`` tells a client that named no model how to name one."""
+    body_model, body_version = native.named_target(payload)
     if path_model and body_model and body_model != path_model:
         raise validation_error(f"body names model '{body_model}' but the path '{path_model}'",
                                ["model"])
-    name = path_model or body_model or state().settings.default_model
-    if not name:
-        raise validation_error("name a model: 'model' in the body or /predict/<model>", ["model"])
+    name = front.model_name(path_model or body_model, where)
+    g.model = name
     version = path_version or body_version
     if not version and request.query_string:  # parse the query only when there is one
         version = request.args.get("version")
-    version = version or None
-    g.model = name
-    return name, version
-
-
+    lv = front.resolve(name, version or None)
+    g.version = lv.version
+    return lv

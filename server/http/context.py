@@ -19,10 +19,10 @@ from server.protocols import sse as streaming
 from server.runtime.events import EventLog
 from server.runtime.figures import WorkerMetrics
 from server.serving.dataplane import DataPlane
+from server.serving.frontdoor import FrontDoor
 from server.serving.reloader import Reloader
 
 log = logging.getLogger("server.access")
-
 
 
 class ServerApp(Flask):
@@ -48,11 +48,13 @@ class ServerState:
     reloader: Reloader
     events: EventLog
     metrics: WorkerMetrics
+    front: FrontDoor
     started: float
-    draining: bool = False  # SIGTERM received: /ready says 503 while requests finish
 
     def stream_slot(self) -> None:
-        """Refuse a new stream when this worker already holds MAX_STREAMS of them."""
+        """Refuse a new stream while draining, or when this worker already holds MAX_STREAMS
+        of them."""
+        self.front.refuse_when_draining()
         s = self.metrics.streams
         active = s["started"] - s["completed"] - s["cancelled"]
         if active >= self.settings.max_streams:

@@ -190,11 +190,7 @@ OPERATIONS: tuple[Operation, ...] = (
               params=(MODEL_P,), security="admin", errors=MODEL),
     Operation("POST", "/train/stream", "Train a new version, streamed epoch by epoch", ("admin",),
               {200: SSE_BODY},
-              request=(Body(model=None, media=JSON, schema={
-                  "type": "object", "required": ["model"], "additionalProperties": False,
-                  "properties": {"model": {"type": "string", "minLength": 1, "maxLength": 128},
-                                 "epochs": {"type": "integer", "minimum": 1, "maximum": 1000,
-                                            "default": 10}}}),
+              request=(Body(model=s.TrainRequest, media=JSON),
                        Body(media=CSV, schema=TEXT, description=(
                            "Training rows with a header: the features and `target`; "
                            "model and epochs then go in the query."))),

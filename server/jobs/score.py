@@ -2,7 +2,7 @@
 
 The model is loaded and answered exactly as the server does (``ModelRegistry.resolve`` and
 ``predict_matrix`` on float64 rows); the output is the input's columns plus
-``csvstream.output_columns``. CSV or Parquet in and out, chosen by file extension.
+``protocols.csvrows.output_columns``. CSV or Parquet in and out, chosen by file extension.
 
 Constant memory and resumable: the input is read in chunks of ``--chunk-rows``; chunk ``k``
 is written to ``OUTPUT.parts/part-0000k.<ext>`` (its ``rejects-0000k.csv`` and ``.json``
@@ -24,6 +24,7 @@ loaded model is scattered once to every worker, and each worker writes the parts
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import math
@@ -38,13 +39,14 @@ from typing import IO, Any
 
 import numpy as np
 import pandas as pd
+from pandas.io.common import get_handle
 
 from server.errors import ApiError
 from server.model.loaded import LoadedVersion
-from server.model.predict import predict_matrix
+from server.model.predict import predict_matrix, value_reason, width_reason
 from server.model.registry import ModelRegistry
 from server.model.repository import ModelRepository
-from server.protocols.csvrows import feature_positions, output_columns
+from server.protocols.csvrows import feature_positions, fit_to_header, output_columns
 
 log = logging.getLogger("server.score")
 
@@ -66,12 +68,14 @@ def file_format(path: Path) -> str:
 
 
 # --- Scoring one chunk (also what each Dask partition runs) ---------------------------------
-def score_frame(lv: LoadedVersion, frame: pd.DataFrame, positions: list[int]) -> pd.DataFrame:
+def score_frame(lv: LoadedVersion, frame: pd.DataFrame, positions: list[int],
+                rejected: list[str] | None = None) -> pd.DataFrame:
     """``frame`` with the output columns appended; a row that cannot be scored keeps empty
-    predictions and its reason in ``error``. One model call for all good rows."""
+    predictions and its reason in ``error``. One model call for all good rows. ``rejected``
+    holds reasons already known (a CSV line whose field count is not the header's)."""
     n = len(frame)
     X = np.empty((n, len(positions)), dtype="<f8")
-    reasons = np.full(n, "", dtype=object)
+    reasons = np.array(rejected, dtype=object) if rejected else np.full(n, "", dtype=object)
     names = lv.feature_names or tuple(str(frame.columns[p]) for p in positions)
     for j, pos in enumerate(positions):
         column = frame.iloc[:, pos]
@@ -80,7 +84,7 @@ def score_frame(lv: LoadedVersion, frame: pd.DataFrame, positions: list[int]) ->
         bad = ~np.isfinite(values)
         if bad.any():  # rare: a Python loop over the bad rows only
             for i in np.flatnonzero(bad & (reasons == "")):
-                reasons[i] = _reason(column.iat[i], names[j])
+                reasons[i] = value_reason(_raw(column.iat[i]), names[j])
     ok = reasons == ""
     keys = [c for c in output_columns(lv) if c != "error"]
     good = np.flatnonzero(ok)
@@ -126,15 +130,11 @@ def _predict(lv: LoadedVersion, X: np.ndarray, reasons: np.ndarray,
     return results
 
 
-def _reason(raw: Any, feature: str) -> str:
-    if raw is None or (isinstance(raw, float) and math.isnan(raw)) or \
-            (isinstance(raw, str) and not raw.strip()) or raw is pd.NA:
-        return f"missing value for feature '{feature}'"
-    try:
-        float(raw)
-    except (TypeError, ValueError):
-        return f"not a number for feature '{feature}': {str(raw)[:60]!r}"
-    return f"NaN or infinity for feature '{feature}'"
+def _raw(value: Any) -> Any:
+    """A Parquet null (None, NaN or pandas.NA) is a missing value; anything else as read."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value
 
 
 # --- Reading ---------------------------------------------------------------------------------
@@ -157,33 +157,60 @@ def open_source(path: Path) -> Source:
             meta = pq.ParquetFile(path).metadata
             names = list(meta.schema.to_arrow_schema().names)
             return Source(path, fmt, names, meta.num_rows, size)
-        header = pd.read_csv(path, nrows=0, dtype=str).columns
-    except (OSError, ValueError, ImportError) as exc:  # pandas/pyarrow errors subclass these
+        with get_handle(path, "r", compression="infer", encoding="utf-8-sig",
+                        errors="replace") as handle:
+            header = next(csv.reader(handle.handle), None)
+        if header is None:
+            raise ValueError("the file is empty: it needs a header row")
+    except (OSError, ValueError, ImportError, csv.Error) as exc:  # pandas/pyarrow errors too
         raise Unusable(f"cannot read {path}: {exc}") from exc
     return Source(path, fmt, [str(c) for c in header], None, size)
 
 
 def csv_options(source: Source) -> dict[str, Any]:
-    # Strings in, so passthrough columns come out as written; usecols tolerates extra fields
-    # on a line, and a short line reads as empty values (reported as missing).
-    return {"dtype": str, "keep_default_na": False, "na_filter": False,
-            "usecols": list(range(len(source.columns)))}
+    """What Dask's pandas reader is given: strings in, so passthrough columns come out as
+    written, and no ``usecols``: a line with more fields than the header fails the run
+    rather than being scored on its first fields."""
+    return {"dtype": str, "keep_default_na": False, "na_filter": False}
 
 
-def read_chunks(source: Source, chunk_rows: int) -> Iterator[tuple[pd.DataFrame, float]]:
-    """(chunk, fraction of the input read so far)."""
+Chunk = tuple[pd.DataFrame, list[str] | None, float]
+
+
+def read_chunks(source: Source, chunk_rows: int) -> Iterator[Chunk]:
+    """(chunk, reasons already known per row or None, fraction of the input read so far).
+    CSV lines are read as the HTTP front door reads them (``csvrows``): a line whose field
+    count is not the header's is rejected with its reason, never truncated or padded."""
     if source.fmt == "parquet":
         import pyarrow.parquet as pq
 
         done = 0
         for batch in pq.ParquetFile(source.path).iter_batches(batch_size=chunk_rows):
             done += batch.num_rows
-            yield batch.to_pandas(), done / max(source.total_rows or 1, 1)
+            yield batch.to_pandas(), None, done / max(source.total_rows or 1, 1)
         return
-    with source.path.open("rb") as fh:
-        reader = pd.read_csv(fh, chunksize=chunk_rows, **csv_options(source))
-        for chunk in reader:
-            yield chunk, min(fh.tell() / max(source.size, 1), 1.0)
+    width = len(source.columns)
+    # pandas opens the file, decompressing by extension, with newline="" as csv wants
+    with get_handle(source.path, "r", compression="infer", encoding="utf-8-sig",
+                    errors="replace") as handle:
+        raw = handle.handle
+        reader = csv.reader(raw)
+        next(reader, None)  # the header, read by open_source
+        compressed = not source.path.name.lower().endswith(".csv")
+        while chunk := [row for _, row in zip(range(chunk_rows), reader)]:
+            reasons = [width_reason(width, len(r)) if len(r) != width else "" for r in chunk]
+            rows = [r if len(r) == width else fit_to_header(r, width) for r in chunk]
+            frame = pd.DataFrame(rows, columns=source.columns, dtype=str)
+            read = 0 if compressed else _bytes_read(raw)
+            yield frame, (reasons if any(reasons) else None), min(read / max(source.size, 1), 1.0)
+
+
+def _bytes_read(text: Any) -> int:
+    """How far into an uncompressed file the reader is (its read-ahead included)."""
+    try:
+        return int(text.buffer.tell())
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 # --- Parts on disk ---------------------------------------------------------------------------
@@ -411,11 +438,11 @@ def run_single(lv: LoadedVersion, source: Source, parts: Parts, positions: list[
     progress = Progress(source.total_rows)
     k = -1
     try:
-        for k, (chunk, fraction) in enumerate(read_chunks(source, chunk_rows)):
+        for k, (chunk, rejected, fraction) in enumerate(read_chunks(source, chunk_rows)):
             if parts.done(k):
                 progress.update(k, len(chunk), 0, fraction, skipped=True)
                 continue
-            bad = parts.write(k, score_frame(lv, chunk, positions))
+            bad = parts.write(k, score_frame(lv, chunk, positions, rejected))
             progress.update(k, len(chunk), bad, fraction, skipped=False)
     finally:
         progress.close()
@@ -514,7 +541,7 @@ def score(model_dir: Path, spec: str, input_path: Path, output: Path, chunk_rows
             count = run_dask(lv, source, parts, positions, chunk_rows, dask)
         else:
             count = run_single(lv, source, parts, positions, chunk_rows)
-    except (OSError, ValueError) as exc:  # a file that breaks part way (truncated, corrupt)
+    except (OSError, ValueError, csv.Error) as exc:  # a file that breaks part way
         print(f"score: cannot read {input_path} past the chunks already written: {exc}",
               file=sys.stderr)
         return EXIT_UNREADABLE

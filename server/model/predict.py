@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,27 @@ from server.model.loaded import LoadedVersion
 log = logging.getLogger(__name__)
 
 RowInput = Sequence[float] | dict[str, float]
+
+
+# Why a row is refused, in the same words at every front door: JSON rows, CSV over HTTP,
+# offline scoring and streams.
+def width_reason(expected: int, got: int) -> str:
+    return f"expected {expected} values, got {got}"
+
+
+def value_reason(raw: Any, feature: str) -> str:
+    """Why one value is not a usable number (None, or a blank string, is missing)."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return f"missing value for feature '{feature}'"
+    try:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+            raise TypeError
+        value = float(raw)
+    except (TypeError, ValueError):
+        return f"not a number for feature '{feature}': {str(raw)[:60]!r}"
+    if math.isfinite(value):
+        return f"not accepted for feature '{feature}': {str(raw)[:60]!r}"
+    return f"NaN or infinity for feature '{feature}'"
 
 
 def to_matrix(lv: LoadedVersion, rows: Sequence[RowInput], loc: list[Any]) -> np.ndarray:
@@ -44,10 +66,8 @@ def to_matrix(lv: LoadedVersion, rows: Sequence[RowInput], loc: list[Any]) -> np
         if width is None:
             width = len(row)
         if len(row) != width:
-            raise validation_error(
-                f"expected {width} features, got {len(row)}", where,
-                f"expected {width} features, got {len(row)}",
-            )
+            reason = width_reason(width, len(row))
+            raise validation_error(reason, where, reason)
         ordered.append(row)
     matrix = np.asarray(ordered, dtype="<f8")
     if matrix.ndim != 2 or matrix.shape[1] == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,8 @@ from server.model.loaded import LoadedVersion, build_version
 from server.model.repository import VERSION_RE, ModelRepository, VersionOnDisk
 
 log = logging.getLogger(__name__)
+
+LoadHook = Callable[[LoadedVersion], LoadedVersion]
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,12 @@ class ReloadReport:
 class ModelRegistry:
     """The models one worker serves. Reads are lock-free; reloads are serialised."""
 
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: ModelRepository,
+                 on_load: Sequence[LoadHook] = ()) -> None:
         self.repository = repository
+        # Run on each version as it loads, in order; each may return a changed copy (the
+        # micro-batching probe, injected by create_app). A hook that raises fails the version.
+        self.on_load = list(on_load)
         self._models: dict[str, ModelEntry] = {}
         self._lock = threading.Lock()
         self.loaded_once = False
@@ -164,10 +171,10 @@ class ModelRegistry:
                 raise ValueError(found.metadata_error)
             sha = self.repository.sha256(found.path)
             estimator = self.repository.load(found.path)
-            from server.model.predict import predict_matrix
-            from server.serving.batching import batch_mode
-
-            return batch_mode(build_version(found, estimator, sha), predict_matrix)
+            lv = build_version(found, estimator, sha)
+            for hook in self.on_load:
+                lv = hook(lv)
+            return lv
         except Exception as exc:  # noqa: BLE001 - any broken artifact is reported, never fatal
             error = f"{type(exc).__name__}: {exc}"[:500]
             log.error("model version failed to load",

@@ -7,12 +7,14 @@ import csv
 import io
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import IO, Any
 
 import numpy as np
 
 from server.errors import ApiError
 from server.model.loaded import LoadedVersion
+from server.model.predict import value_reason, width_reason
 
 CHUNK_ROWS = 1000
 
@@ -38,16 +40,61 @@ def feature_positions(lv: LoadedVersion, header: list[str]) -> list[int]:
     return [index[n] for n in lv.feature_names]
 
 
-def _parse(row: list[str], positions: list[int]) -> list[float] | str:
+@dataclass
+class ParsedRows:
+    """A chunk of CSV rows as the model's matrix: ``X`` holds the good rows (``good`` their
+    indexes in the chunk); ``reasons[i]`` says why row ``i`` was rejected ("" when it was not)."""
+
+    X: np.ndarray
+    good: list[int]
+    reasons: list[str]
+
+
+def parse_rows(rows: list[list[str]], positions: list[int], width: int,
+               names: list[str]) -> ParsedRows:
+    """Every CSV front door's one reading of rows (``/predict/csv`` and ``python -m
+    server.score``): a row whose field count is not the header's ``width`` is rejected, never
+    truncated or padded; a value that is missing, not a number, NaN or infinite rejects its
+    row with the reason naming the feature. Numbers are parsed in one numpy pass."""
+    reasons = [""] * len(rows)
+    good: list[int] = []
+    cells: list[list[str]] = []
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            reasons[i] = width_reason(width, len(row))
+        else:
+            good.append(i)
+            cells.append([row[p] for p in positions])
     try:
-        values = [float(row[p]) for p in positions]
-    except IndexError:
-        return f"expected at least {max(positions) + 1} columns, got {len(row)}"
-    except ValueError as exc:
-        return f"not a number: {exc}".replace("could not convert string to float: ", "")
-    if not all(math.isfinite(v) for v in values):
-        return "NaN or infinity"
-    return values
+        X = np.array(cells, dtype="<f8").reshape(len(cells), len(positions))
+    except ValueError:  # some value is not a number: find which, row by row
+        X = np.empty((len(cells), len(positions)), dtype="<f8")
+        for j, values in enumerate(cells):
+            for k, raw in enumerate(values):
+                try:
+                    X[j, k] = float(raw)
+                except ValueError:
+                    X[j, k] = math.nan
+                    reasons[good[j]] = reasons[good[j]] or value_reason(raw, names[k])
+    finite = np.isfinite(X).all(axis=1)
+    if not finite.all():
+        for j in np.flatnonzero(~finite).tolist():
+            at = int(np.flatnonzero(~np.isfinite(X[j]))[0])
+            reasons[good[j]] = reasons[good[j]] or value_reason(cells[j][at], names[at])
+    keep = [j for j, i in enumerate(good) if not reasons[i]]
+    if len(keep) != len(good):
+        X, good = X[keep], [good[j] for j in keep]
+    return ParsedRows(X, good, reasons)
+
+
+def fit_to_header(row: list[str], width: int) -> list[str]:
+    """A rejected row's fields as the output's input columns: its place and its reason are
+    kept, and the output stays aligned (the input file has the row as sent)."""
+    return row[:width] + [""] * (width - len(row))
+
+
+def feature_names(lv: LoadedVersion, header: list[str], positions: list[int]) -> list[str]:
+    return list(lv.feature_names or (header[p].strip() for p in positions))
 
 
 def score_csv(
@@ -61,6 +108,8 @@ def score_csv(
     """Yield (csv text of a chunk, rows so far, bad rows so far, bytes read so far)."""
     columns = output_columns(lv)
     keys = [c for c in columns if c != "error"]
+    width = len(header)
+    names = feature_names(lv, header, positions)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*header, *columns])
@@ -69,13 +118,12 @@ def score_csv(
         chunk = [r for _, r in zip(range(CHUNK_ROWS), reader)]
         if not chunk:
             break
-        parsed = [_parse(r, positions) for r in chunk]
-        good = [p for p in parsed if not isinstance(p, str)]
-        results = iter(predict(np.asarray(good, dtype="<f8")) if good else [])
-        for raw, p in zip(chunk, parsed):
-            if isinstance(p, str):
+        parsed = parse_rows(chunk, positions, width, names)
+        results = iter(predict(parsed.X) if parsed.good else [])
+        for raw, reason in zip(chunk, parsed.reasons):
+            if reason:
                 bad += 1
-                writer.writerow([*raw, *([""] * len(keys)), p])
+                writer.writerow([*fit_to_header(raw, width), *([""] * len(keys)), reason])
             else:
                 r = next(results)
                 writer.writerow([*raw, *(r.get(k, "") for k in keys), ""])

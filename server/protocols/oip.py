@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 import pydantic_core
 
-from server.errors import ApiError
+from server.errors import ApiError, message_only
 from server.model.loaded import LoadedVersion
 
 DTYPES = {"FP64": "<f8", "FP32": "<f4", "INT64": "<i8", "INT32": "<i4", "INT16": "<i2",
@@ -285,3 +285,7 @@ def _pack(values: Any, dtype: str) -> bytes:
         parts = [str(v).encode() for v in values]
         return b"".join(struct.pack("<I", len(p)) + p for p in parts)
     return np.asarray(values, dtype=DTYPES[dtype]).tobytes()
+
+
+# The protocol's error shape: {"error": "..."}, invalid input 400 (see errors.message_only).
+error_answer = message_only

@@ -23,18 +23,18 @@ to a TF Serving client:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pydantic_core
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-from server.errors import ApiError, not_found, validation_error
+from server.errors import ApiError, message_only, not_found, validation_error
 from server.model.loaded import LoadedVersion
 from server.model.predict import to_matrix
 from server.model.registry import ModelEntry
+from server.protocols import native
 from server.schemas import Row, error_details
 
 PREDICT = "tensorflow/serving/predict"
@@ -87,12 +87,7 @@ def parse_path(rest: str, method: str) -> Target:
 
 def parse_body(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object (NaN parses here so it can be refused as a value)."""
-    if not raw.strip():
-        raise ApiError(400, "empty_body", "request body is empty: send a JSON object")
-    try:
-        body = pydantic_core.from_json(raw, allow_inf_nan=True)
-    except ValueError as exc:
-        raise ApiError(400, "bad_json", f"malformed JSON: {exc}") from exc
+    body = native.parse_json(raw)
     if not isinstance(body, dict):
         raise ApiError(400, "bad_request", "the request body must be a JSON object")
     return body
@@ -134,8 +129,12 @@ def _unwrap_tensor_name(rows: list[Any], lv: LoadedVersion) -> list[Any]:
     return [r[INPUT] if isinstance(r, dict) and list(r) == [INPUT] else r for r in rows]
 
 
+# How a codec applies the front door's row limit: (rows, loc) -> None, or raises 413.
+CheckRows = Callable[[int, list[Any]], None]
+
+
 def predict_matrix_of(lv: LoadedVersion, body: dict[str, Any],
-                      max_rows: int) -> tuple[np.ndarray, str]:
+                      check_rows: CheckRows) -> tuple[np.ndarray, str]:
     """The matrix of a ``:predict`` body and its format, ``instances`` or ``inputs``."""
     _check_keys(body, {"signature_name", "instances", "inputs"})
     has_rows, has_columns = "instances" in body, "inputs" in body
@@ -148,10 +147,10 @@ def predict_matrix_of(lv: LoadedVersion, body: dict[str, Any],
         if list(value) == [INPUT] and (lv.feature_index is None or INPUT not in lv.feature_index):
             value = value[INPUT]  # the map form naming our one tensor
         else:
-            return columns_to_matrix(lv, value, max_rows), key
+            return columns_to_matrix(lv, value, check_rows), key
     if not isinstance(value, list) or not value:
         raise validation_error(f"'{key}' must be a non-empty list of rows", [key])
-    _check_size(len(value), max_rows, key)
+    check_rows(len(value), [key])
     if has_rows:
         rows = _unwrap_tensor_name(value, lv)
         return to_matrix(lv, _rows(rows, [key]), [key]), key
@@ -162,7 +161,8 @@ def predict_matrix_of(lv: LoadedVersion, body: dict[str, Any],
     return to_matrix(lv, matrix, [key]), key
 
 
-def columns_to_matrix(lv: LoadedVersion, columns: dict[str, Any], max_rows: int) -> np.ndarray:
+def columns_to_matrix(lv: LoadedVersion, columns: dict[str, Any],
+                      check_rows: CheckRows) -> np.ndarray:
     """``{"feature": [v0, v1, ...], ...}``: one column per feature, all the same length."""
     try:
         checked = _COLUMNS.validate_python(columns)
@@ -182,18 +182,19 @@ def columns_to_matrix(lv: LoadedVersion, columns: dict[str, Any], max_rows: int)
     if len(lengths) != 1 or 0 in lengths:
         raise validation_error("every feature in 'inputs' needs the same, non-zero number of "
                                f"values; got lengths {sorted(lengths)}", ["inputs"])
-    _check_size(lengths.pop(), max_rows, "inputs")
+    check_rows(lengths.pop(), ["inputs"])
     return np.column_stack([np.asarray(checked[n], dtype="<f8") for n in index])
 
 
-def examples_matrix(lv: LoadedVersion, body: dict[str, Any], max_rows: int) -> np.ndarray:
+def examples_matrix(lv: LoadedVersion, body: dict[str, Any],
+                    check_rows: CheckRows) -> np.ndarray:
     """``:classify``/``:regress`` bodies: ``examples`` (objects, one-element lists allowed, as
     tf.Example features are lists) plus an optional shared ``context``."""
     _check_keys(body, {"signature_name", "context", "examples"})
     examples = body.get("examples")
     if not isinstance(examples, list) or not examples:
         raise validation_error("'examples' must be a non-empty list of objects", ["examples"])
-    _check_size(len(examples), max_rows, "examples")
+    check_rows(len(examples), ["examples"])
     context = body.get("context") or {}
     if not isinstance(context, dict):
         raise validation_error("'context' must be an object of features", ["context"])
@@ -211,12 +212,6 @@ def examples_matrix(lv: LoadedVersion, body: dict[str, Any], max_rows: int) -> n
 
 def _scalar(value: Any) -> Any:
     return value[0] if isinstance(value, list) and len(value) == 1 else value
-
-
-def _check_size(n: int, limit: int, key: str) -> None:
-    if n > limit:
-        raise ApiError(413, "too_many_rows", f"{n} rows sent, at most {limit} allowed",
-                       [{"loc": [key], "msg": f"at most {limit} rows"}])
 
 
 # -- signatures ------------------------------------------------------------------------------
@@ -355,3 +350,7 @@ def model_status(entry: ModelEntry, version: str | None, label: str | None) -> d
     if version not in every:
         raise not_found("version", f"model '{entry.name}' has no version '{version}'")
     return {"model_version_status": [every[version]]}
+
+
+# The protocol's error shape: {"error": "..."}, invalid input 400 (see errors.message_only).
+error_answer = message_only

@@ -1,8 +1,9 @@
 """Server events shared by every worker of one server: an append-only JSON-lines file in
 RUNTIME_DIR that each worker appends to and each ``/stream/events`` subscriber tails.
 
-Events: model loaded / failed, version added / removed, experiments reloaded, training
-progress; the per-second metrics summary is added by the subscriber from worker snapshots.
+Events (``type``): ``version_added``, ``version_changed``, ``version_removed`` and
+``model_failed`` after a reload, ``experiments_reloaded``, ``training_complete``; the
+per-second ``metrics`` summary is added by the subscriber from worker snapshots.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ BAD_LINES = [  # (id, raw feature values, reason start)
     ("bad-text", ["abc", "3.0", "1.4", "0.2"], "not a number for feature 'sepal_length'"),
     ("bad-empty", ["5.1", "", "1.4", "0.2"], "missing value for feature 'sepal_width'"),
     ("bad-nan", ["5.1", "3.0", "nan", "0.2"], "NaN or infinity for feature 'petal_length'"),
-    ("bad-short", ["5.1", "3.0"], "missing value for feature 'petal_length'"),
+    ("bad-short", ["5.1", "3.0"], "expected 5 values, got 3"),  # id + 2 fields
+    ("bad-long", ["5.1", "3.0", "1.4", "0.2", "9.9"], "expected 5 values, got 6"),
 ]
 
 

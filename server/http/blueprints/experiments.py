@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from flask import Blueprint, Response, g
 
 from server.http.auth import require_api_key
-from server.http.body import read_json, validate
+from server.http.body import read_json
 from server.http.context import json_response, request_id, state
+from server.protocols import native
 from server.schemas import ABRequest, OutcomeRequest
 
 bp = Blueprint("experiments", __name__)
@@ -18,15 +17,13 @@ bp.before_request(require_api_key)
 @bp.post("/predict/ab")
 @bp.post("/predict/ab-test")
 def predict_ab() -> Response:
-    req = validate(ABRequest, read_json())
+    req = native.validate(ABRequest, read_json())
     plane = state().dataplane
     outcome, exp, arm = plane.predict_ab(req.experiment, req.user_id, [req.features],
                                          ["features"])
     g.model, g.version = exp.model, outcome.model.version
     g.cache = "HIT" if outcome.cached else "MISS"
-    body: dict[str, Any] = {"model": exp.model, "version": outcome.model.version,
-                            **outcome.results[0], "cached": bool(outcome.cached),
-                            "experiment": exp.name, "arm": arm.name, "request_id": request_id()}
+    body = native.predict_answer(outcome, request_id(), experiment=exp.name, arm=arm.name)
     response = json_response(body, headers={"X-Cache": g.cache})
     if exp.shadow is not None:
         # Runs once the answer has been written: the shadow never slows the caller.
@@ -51,7 +48,7 @@ def one_experiment(name: str) -> Response:
 
 @bp.post("/experiments/<name>/outcome")
 def record_outcome(name: str) -> Response:
-    req = validate(OutcomeRequest, read_json())
+    req = native.validate(OutcomeRequest, read_json())
     arm = state().dataplane.record_outcome(name, req.user_id, req.value)
     return json_response({"experiment": name, "user_id": req.user_id, "arm": arm.name,
                           "value": req.value, "recorded": True, "request_id": request_id()})

@@ -10,6 +10,7 @@ from flask import Blueprint, Response
 from server.http.auth import require_metrics_key
 from server.http.context import json_response, state
 from server.runtime import prometheus as metrics
+from server.runtime.blas import blas_threads
 from server.runtime.figures import resident_mb
 
 bp = Blueprint("health", __name__)
@@ -22,18 +23,13 @@ def health() -> Response:
 
 @bp.get("/ready")
 def ready() -> Response:
-    registry = state().registry
-    servable = {n: sorted(e.versions, key=int) for n, e in registry.models.items() if e.versions}
-    failed = [f"{n}/{v}" for n, e in registry.models.items() for v in e.failed]
-    draining = state().draining
-    ok = registry.loaded_once and bool(servable) and not draining
-    body = {"status": "ready" if ok else "not_ready", "models": servable, "failed": failed,
-            "cache": state().dataplane.cache_status()["state"]}
-    if not ok:
-        body["reason"] = ("shutting down: finishing requests in flight" if draining
-                          else "no servable model in the repository" if registry.loaded_once
-                          else "models are loading")
-    return json_response(body, 200 if ok else 503)
+    st = state()
+    ready = st.front.readiness()
+    body = {"status": "ready" if ready.ok else "not_ready", "models": ready.models,
+            "failed": ready.failed, "cache": st.dataplane.cache_status()["state"]}
+    if ready.reason is not None:
+        body["reason"] = ready.reason
+    return json_response(body, 200 if ready.ok else 503)
 
 
 @bp.get("/metrics")
@@ -62,5 +58,6 @@ def status() -> Response:
         "models": models,
         "last_reload": st.registry.last_reload,
         "cache": st.dataplane.cache_status(),
+        "blas_threads": blas_threads(),
         "micro_batching": st.dataplane.batcher.status() if st.dataplane.batcher else None,
     })

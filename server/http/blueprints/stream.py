@@ -11,11 +11,11 @@ from typing import Any
 
 from flask import Blueprint, Response, g, request
 
-from server.errors import ApiError, validation_error
+from server.errors import ApiError
 from server.http.auth import require_api_key
-from server.http.body import choose_target, read_rows
+from server.http.body import read_json, read_target
 from server.http.context import counted, sse, state
-from server.model.predict import to_matrix
+from server.protocols import native
 from server.protocols import sse as streaming
 from server.protocols.csvrows import feature_positions, open_csv, score_csv
 from server.runtime import figures as monitor
@@ -31,14 +31,15 @@ SPOOL_MEMORY = 1 << 20  # a CSV body beyond 1 MB is spooled to disk, not kept in
 @bp.post("/predict/stream")
 def predict_stream() -> Response:
     st = state()
-    req = read_rows(BatchRequest, st.settings.stream_max_rows)
-    name, version = choose_target(None, req.model, None, req.version)
+    front = st.front
+    payload = read_json()
+    front.check_rows(native.row_count(payload), ["instances"], st.settings.stream_max_rows)
+    lv = read_target(front, payload, None, None, "'model' in the body")
+    req = native.validate(BatchRequest, payload, lv.feature_names)
     # Everything that can be wrong with the whole body is answered before the stream starts.
-    lv = st.registry.resolve(name, version)
-    X = to_matrix(lv, req.instances, ["instances"])
-    g.version = lv.version
+    X = front.matrix(lv, req.instances, ["instances"], st.settings.stream_max_rows)
     return sse(streaming.prediction_events(
-        lambda part: st.dataplane.predict_resolved(lv, part, ["instances"]).results,
+        lambda part: front.predict(lv, part, ["instances"]).results,
         X, st.settings.stream_chunk_rows, lambda n: st.metrics.stream("rows", n),
     ))
 
@@ -46,17 +47,17 @@ def predict_stream() -> Response:
 @bp.post("/predict/csv")
 def predict_csv() -> Response:
     st = state()
+    front = st.front
     # Streamed CSV bodies are not bound by MAX_BODY_BYTES (None would fall back to it).
     request.max_content_length = sys.maxsize
     mimetype = request.mimetype
     if mimetype and mimetype not in {"text/csv", "text/plain", "application/csv",
                                      "application/octet-stream"}:
         raise ApiError(415, "unsupported_media_type", f"expected text/csv, got {mimetype}")
-    name = request.args.get("model") or st.settings.default_model
-    if not name:
-        raise validation_error("name a model: /predict/csv?model=<name>", ["query", "model"])
+    name = front.model_name(request.args.get("model"), "/predict/csv?model=<name>",
+                            ["query", "model"])
     g.model = name
-    lv = st.registry.resolve(name, request.args.get("version") or None)
+    lv = front.resolve(name, request.args.get("version") or None)
     g.version = lv.version
     body = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)
     shutil.copyfileobj(request.stream, body, 1 << 16)
@@ -65,7 +66,7 @@ def predict_csv() -> Response:
     positions = feature_positions(lv, header)
 
     def predict(X: Any) -> list[dict[str, Any]]:
-        return st.dataplane.predict_resolved(lv, X, ["csv"]).results
+        return front.predict(lv, X, ["csv"]).results
 
     chunks = score_csv(lv, body, predict, positions, header, reader)
     if "text/event-stream" in request.headers.get("Accept", ""):

@@ -15,28 +15,21 @@ from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Response, g, request
-from pydantic import BaseModel, ConfigDict, Field
 
 from server.errors import ApiError, not_found, validation_error
 from server.http.auth import require_admin
-from server.http.body import read_json, validate
+from server.http.body import read_json
 from server.http.context import ServerState, sse, state
 from server.jobs.training import TARGET, data_path, train_events
 from server.model.repository import inside, is_valid_name
+from server.protocols import native
 from server.protocols import sse as streaming
+from server.schemas import TrainRequest
 
 bp = Blueprint("train", __name__)
 bp.before_request(require_admin)
 
 INT_RE = re.compile(r"^[+-]?[0-9]{1,18}$")
-
-
-class TrainRequest(BaseModel):
-    """What to train: a model that exists, for 1..1000 epochs."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    model: str = Field(min_length=1, max_length=128, description="Model name.")
-    epochs: int = Field(10, ge=1, le=1000, description="Passes over the training rows.")
 
 
 @bp.post("/train/stream")
@@ -45,7 +38,7 @@ def train_stream() -> Response:
     st.stream_slot()
     posted: Path | None = None
     if request.mimetype == "text/csv":
-        req = validate(TrainRequest, _query_payload())
+        req = native.validate(TrainRequest, _query_payload())
         _check_model(st, req.model)
         posted = _spool_body(st.settings.max_body_bytes)
         try:
@@ -54,7 +47,7 @@ def train_stream() -> Response:
             posted.unlink(missing_ok=True)
             raise
     else:
-        req = validate(TrainRequest, read_json())
+        req = native.validate(TrainRequest, read_json())
         _check_model(st, req.model)
         stored = data_path(st.settings.model_dir, req.model)
         if not inside(Path(st.settings.model_dir), stored):

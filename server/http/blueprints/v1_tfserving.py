@@ -21,13 +21,11 @@ from __future__ import annotations
 import logging
 
 from flask import Blueprint, Response, g, request
-from werkzeug.exceptions import HTTPException
 
-from server.errors import ApiError, not_found
-from server.http.app import as_api_error
+from server.errors import ApiError
+from server.http.app import error_handlers
 from server.http.auth import require_api_key
-from server.http.context import json_response, request_id, state
-from server.model.loaded import LoadedVersion
+from server.http.context import json_response, state
 from server.protocols import tfserving as tf
 
 log = logging.getLogger(__name__)
@@ -36,24 +34,7 @@ METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 bp = Blueprint("v1_tfserving", __name__)
 bp.before_request(require_api_key)
-
-
-@bp.errorhandler(ApiError)
-def _api_error(err: ApiError) -> Response:
-    # TF Serving says INVALID_ARGUMENT (400) where our contract says 422.
-    status = 400 if err.status == 422 else err.status
-    return json_response({"error": err.message}, status, err.headers)
-
-
-@bp.errorhandler(HTTPException)
-def _http_error(exc: HTTPException) -> Response:
-    return _api_error(as_api_error(exc))
-
-
-@bp.errorhandler(Exception)
-def _crash(exc: Exception) -> Response:
-    log.exception("unhandled error", extra={"request_id": request_id()})
-    return json_response({"error": "internal server error"}, 500)
+error_handlers(bp, tf.error_answer)
 
 
 # Every method is routed here so that a wrong one, too, gets a TF-shaped error.
@@ -67,36 +48,26 @@ def v1_models(rest: str) -> Response:
         what = f":{target.verb}" if target.verb else "model status and metadata"
         raise ApiError(405, "method_not_allowed", f"use {allowed[0]} for {what}",
                        headers={"Allow": ", ".join(allowed)})
+    front = state().front
     if target.verb is None:
         if target.metadata:
-            return json_response(tf.metadata(_resolve(target)))
+            return json_response(tf.metadata(front.resolve(target.model, target.version,
+                                                           target.label)))
         entry = state().registry.get(target.model)
         return json_response(tf.model_status(entry, target.version, target.label))
     body = tf.parse_body(request.get_data(cache=False))
     name = tf.signature_name(body)
-    lv = _resolve(target)
+    lv = front.resolve(target.model, target.version, target.label)
     g.version = lv.version
     sig = tf.choose_signature(lv, target.verb, name)
-    limit = state().settings.max_batch
     if target.verb == "predict":
-        X, key = tf.predict_matrix_of(lv, body, limit)
-        outcome = state().dataplane.predict_resolved(lv, X, [key])
+        X, key = tf.predict_matrix_of(lv, body, front.check_rows)
+        outcome = front.predict(lv, X, [key])
         answer = tf.predict_answer(sig, outcome.results, key)
     else:
-        X = tf.examples_matrix(lv, body, limit)
-        outcome = state().dataplane.predict_resolved(lv, X, ["examples"])
+        X = tf.examples_matrix(lv, body, front.check_rows)
+        outcome = front.predict(lv, X, ["examples"])
         answer = (tf.classify_answer(outcome.results) if target.verb == "classify"
                   else tf.regress_answer(outcome.results))
     g.cache = "HIT" if outcome.cached else "MISS"
     return json_response(answer, headers={"X-Cache": g.cache})
-
-
-def _resolve(target: tf.Target) -> LoadedVersion:
-    registry = state().registry
-    version = target.version
-    if target.label is not None:
-        labels = registry.get(target.model).labels
-        if target.label not in labels:
-            raise not_found("label", f"model '{target.model}' has no label '{target.label}'")
-        version = labels[target.label]
-    return registry.resolve(target.model, version)

@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Blueprint, Response, g, request
 
-from server.errors import ApiError
+from server.http.app import error_handlers
 from server.http.auth import require_api_key
 from server.http.context import json_response, state
 from server.model.loaded import LoadedVersion
@@ -14,21 +14,15 @@ from server.protocols import oip
 
 bp = Blueprint("v2_oip", __name__, url_prefix="/v2")
 bp.before_request(require_api_key)
+error_handlers(bp, oip.error_answer)
 
 SERVER_NAME = "model-server"
 SERVER_VERSION = "1.0"
 
 
-@bp.errorhandler(ApiError)
-def _error(err: ApiError) -> Response:
-    # The protocol's error shape: {"error": "..."}; invalid input is 400, not 422.
-    status = 400 if err.status == 422 else err.status
-    return json_response({"error": err.message}, status, err.headers)
-
-
 def _resolve(model: str, version: str | None) -> LoadedVersion:
     g.model = model
-    lv = state().registry.resolve(model, version)
+    lv = state().front.resolve(model, version)
     g.version = lv.version
     return lv
 
@@ -46,8 +40,7 @@ def live() -> Response:
 
 @bp.get("/health/ready")
 def ready() -> Response:
-    registry = state().registry
-    ok = registry.loaded_once and any(e.versions for e in registry.models.values())
+    ok = state().front.readiness().ok
     return json_response({"ready": ok}, 200 if ok else 503)
 
 
@@ -69,12 +62,14 @@ def model_ready(model: str, version: str | None = None) -> Response:
 @bp.post("/models/<model>/infer")
 @bp.post("/models/<model>/versions/<version>/infer")
 def infer(model: str, version: str | None = None) -> Response:
+    front = state().front
     lv = _resolve(model, version)
     # Clients of the binary extension may send no (or any) Content-Type: read the bytes.
     req = oip.parse_request(request.get_data(cache=False),
                             request.headers.get("Inference-Header-Content-Length"))
     X = oip.to_matrix(lv, req)
-    outcome = state().dataplane.predict_resolved(lv, X, ["inputs"])
+    front.check_rows(len(X), ["inputs"])
+    outcome = front.predict(lv, X, ["inputs"])
     g.cache = f"{outcome.cached}/{len(outcome.results)}"
     body, header_length = oip.encode_response(lv, req, outcome.results)
     if header_length is None:

@@ -5,48 +5,40 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-import pydantic_core
 from flask import Blueprint
 from flask_sock import Sock
-from pydantic import ValidationError
 from simple_websocket import ConnectionClosed
 
 from server.errors import ApiError
 from server.http.auth import require_api_key
 from server.http.body import refuse_deep_json
 from server.http.context import state
+from server.protocols import native
 from server.runtime import figures as monitor
-from server.schemas import PredictRequest, error_details
+from server.schemas import PredictRequest
 
 bp = Blueprint("ws", __name__)
 bp.before_request(require_api_key)
+# A socket opened while draining would only be cut at the graceful timeout: 503 instead.
+bp.before_request(lambda: state().front.refuse_when_draining())
 sock = Sock()
 
 
 def _answer(message: Any) -> dict[str, Any]:
-    """One message's answer; every failure becomes ``{"error", "code"}``, never a raise."""
+    """One message's answer; every failure becomes ``{"error", "code", "status"}``, never a
+    raise, and the socket stays open."""
     msg_id = None
     try:
         refuse_deep_json(message.encode() if isinstance(message, str) else message)
-        try:
-            payload = pydantic_core.from_json(message, allow_inf_nan=True)
-        except ValueError as exc:
-            raise ApiError(400, "bad_json", f"malformed JSON: {exc}") from exc
+        payload = native.parse_json(message)
         if isinstance(payload, dict):
             msg_id = payload.pop("id", None)
-        try:
-            req = PredictRequest.model_validate(payload)
-        except ValidationError as exc:
-            details = error_details(exc.errors())
-            raise ApiError(422, "validation_error", details[0]["msg"], details) from exc
-        st = state()
-        name = req.model or st.settings.default_model
-        if not name:
-            raise ApiError(422, "validation_error", "name a model", [{"loc": ["model"],
-                                                                      "msg": "required"}])
-        outcome = st.dataplane.predict(name, req.version, [req.features], ["features"])
-        body: dict[str, Any] = {"model": outcome.model.name, "version": outcome.model.version,
-                                **outcome.results[0], "cached": bool(outcome.cached)}
+        front = state().front
+        model, version = native.named_target(payload)
+        lv = front.resolve(front.model_name(model, "'model' in the message"), version)
+        req = native.validate(PredictRequest, payload, lv.feature_names)
+        X = front.matrix(lv, [req.features], ["features"])
+        body = native.predict_answer(front.predict(lv, X, ["features"]))
     except ApiError as err:
         body = {**err.body(), "status": err.status}
     if msg_id is not None:
