@@ -1,0 +1,1 @@
+"""Work outside a request: the demo repository, offline scoring, training."""

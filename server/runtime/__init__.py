@@ -1,0 +1,1 @@
+"""The process around the app: gunicorn worker, Prometheus, live figures, events, logs."""
