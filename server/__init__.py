@@ -38,10 +38,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     from server.model.predict import predict_matrix
     from server.model.registry import ModelRegistry, ReloadReport
     from server.model.repository import ModelRepository
-    from server.runtime import prometheus as metrics
+    from server.runtime import prometheus
     from server.runtime.blas import limit_blas_threads
     from server.runtime.events import EventLog
-    from server.runtime.figures import WorkerMetrics
+    from server.runtime.figures import WorkerFigures
     from server.runtime.logs import configure_logging
     from server.serving.batching import MicroBatcher, batch_mode, gevent_active
     from server.serving.cache import make_cache, make_redis
@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     registry.reload()
     for name, entry in registry.models.items():
         if entry.failed:
-            metrics.LOAD_FAILURES.labels(name).inc(len(entry.failed))
+            prometheus.LOAD_FAILURES.labels(name).inc(len(entry.failed))
     client = None
     if settings.redis_url:
         client = make_redis(settings.redis_url, settings.redis_timeout, settings.redis_pool_size)
@@ -89,7 +89,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     def after_reload(report: ReloadReport) -> None:
         dataplane.on_reload(report)
         for key in report.failed:
-            metrics.LOAD_FAILURES.labels(key.rsplit("/", 1)[0]).inc()
+            prometheus.LOAD_FAILURES.labels(key.rsplit("/", 1)[0]).inc()
         for kind, keys in (("version_added", report.added), ("version_changed", report.changed),
                            ("version_removed", report.removed), ("model_failed", report.failed)):
             for key in keys:
@@ -107,14 +107,14 @@ def create_app(settings: Settings | None = None) -> Flask:
                 "models_loaded": sum(len(e.versions) for e in registry.models.values()),
                 "predictions": dataplane.predictions, "per_model": dict(dataplane.per_model)}
 
-    live = WorkerMetrics(events.dir, figures)
+    live = WorkerFigures(events.dir, figures)
     app.extensions["model_server"] = ServerState(
         settings=settings,
         registry=registry,
         dataplane=dataplane,
         reloader=reloader,
         events=events,
-        metrics=live,
+        figures=live,
         front=front,
         started=time.time(),
     )
@@ -127,5 +127,5 @@ def create_app(settings: Settings | None = None) -> Flask:
         app.register_blueprint(blueprint)
     reloader.start()
     live.start()
-    metrics.start_flushing()
+    prometheus.start_flushing()
     return app

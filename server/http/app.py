@@ -16,7 +16,7 @@ from server.errors import ApiError
 from server.http.body import BodyRequest
 from server.http.context import ServerState, json_response, new_request_id, request_id, state
 from server.protocols import native
-from server.runtime import prometheus as metrics
+from server.runtime import prometheus
 from server.runtime.logs import AccessLog
 
 log = logging.getLogger("server.access")
@@ -85,11 +85,11 @@ def install(app: Flask) -> None:
         ctx = g._get_current_object()  # type: ignore[attr-defined]
         ctx.request_id = sent if REQUEST_ID_RE.match(sent) else new_request_id()
         ctx.t0 = time.perf_counter()
-        metrics.IN_FLIGHT.inc()
+        prometheus.IN_FLIGHT.inc()
 
     @app.teardown_request
     def _done(_: BaseException | None) -> None:
-        metrics.IN_FLIGHT.dec()
+        prometheus.IN_FLIGHT.dec()
 
     @app.after_request
     def _finish(response: Response) -> Response:
@@ -103,12 +103,12 @@ def install(app: Flask) -> None:
         now = time.perf_counter()
         latency = (now - ctx.get("t0", now)) * 1000
         status = response.status_code
-        served.metrics.observe(latency, status)
+        served.figures.observe(latency, status)
         rule = req.url_rule.rule if req.url_rule is not None else None
         route = rule or "unmatched"
-        method = req.method if req.method in metrics.METHODS else "other"
-        metrics.child(metrics.REQUESTS, route, method, str(status)).inc()
-        metrics.child(metrics.LATENCY, route).observe(latency / 1000)
+        method = req.method if req.method in prometheus.METHODS else "other"
+        prometheus.child(prometheus.REQUESTS, route, method, str(status)).inc()
+        prometheus.child(prometheus.LATENCY, route).observe(latency / 1000)
         if access.enabled():
             access.write({
                 "request_id": rid, "method": req.method[:16], "route": rule, "path": req.path,

@@ -15,9 +15,9 @@ from flask import Flask, Response, current_app, g
 from server.config import Settings
 from server.errors import ApiError
 from server.model.registry import ModelRegistry
-from server.protocols import sse as streaming
+from server.protocols import sse
 from server.runtime.events import EventLog
-from server.runtime.figures import WorkerMetrics
+from server.runtime.figures import WorkerFigures
 from server.serving.dataplane import DataPlane
 from server.serving.frontdoor import FrontDoor
 from server.serving.reloader import Reloader
@@ -47,7 +47,7 @@ class ServerState:
     dataplane: DataPlane
     reloader: Reloader
     events: EventLog
-    metrics: WorkerMetrics
+    figures: WorkerFigures
     front: FrontDoor
     started: float
 
@@ -55,7 +55,7 @@ class ServerState:
         """Refuse a new stream while draining, or when this worker already holds MAX_STREAMS
         of them."""
         self.front.refuse_when_draining()
-        s = self.metrics.streams
+        s = self.figures.streams
         active = s["started"] - s["completed"] - s["cancelled"]
         if active >= self.settings.max_streams:
             raise ApiError(503, "too_many_streams",
@@ -98,8 +98,8 @@ def new_request_id() -> str:
 def counted(source: Iterator[str]) -> Iterator[str]:
     """Count a stream in this worker's figures: started now, then completed or cancelled
     (a client that went away closes the generator at its next write)."""
-    metrics = state().metrics
-    metrics.stream("started")
+    figures = state().figures
+    figures.stream("started")
 
     def run() -> Iterator[str]:
         completed = False
@@ -107,13 +107,13 @@ def counted(source: Iterator[str]) -> Iterator[str]:
             yield from source
             completed = True
         finally:
-            metrics.stream("completed" if completed else "cancelled")
+            figures.stream("completed" if completed else "cancelled")
 
     return run()
 
 
-def sse(source: Iterator[str]) -> Response:
-    return Response(counted(streaming.finish(source)), mimetype="text/event-stream",
-                    headers=streaming.SSE_HEADERS)
+def sse_response(source: Iterator[str]) -> Response:
+    return Response(counted(sse.finish(source)), mimetype="text/event-stream",
+                    headers=sse.SSE_HEADERS)
 
 

@@ -11,29 +11,30 @@ chunks and a re-run skips them. The parts are then streamed into OUTPUT and thei
 ``OUTPUT.rejects.csv`` (``row`` counts data rows from 1, header excluded). Parts are kept
 so deleting OUTPUT and re-running only concatenates; ``--clean`` removes them at the end.
 
-Bad rows (not a number, NaN/infinity, a missing value) never abort the run: they keep their
-place in OUTPUT with the reason in ``error`` and are listed in the rejects file. Exit code 2
-when the input (or the model) cannot be used at all, else 0.
+Bad rows (a field count other than the header's, not a number, NaN/infinity, a missing
+value) never abort the run: they keep their place in OUTPUT with the reason in ``error``
+and are listed in the rejects file, in the same words as ``POST /predict/csv`` uses. Exit
+code 2 when the input (or the model) cannot be used at all, else 0.
 
 ``--dask local|tcp://HOST:PORT`` scores the same chunks with ``dask.dataframe``
 ``map_partitions`` on a cluster (``local``: a LocalCluster of 2 worker processes); the
 loaded model is scattered once to every worker, and each worker writes the parts it scores
-(so with a remote scheduler, OUTPUT and INPUT must be on storage the workers share).
+(so with a remote scheduler, OUTPUT and INPUT must be on storage the workers share). Each
+worker reads its partition's CSV lines as a single process does, so both runs give the
+same bytes.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,6 +43,7 @@ import pandas as pd
 from pandas.io.common import get_handle
 
 from server.errors import ApiError
+from server.jobs.parts import Job, Parts, prediction_type
 from server.model.loaded import LoadedVersion
 from server.model.predict import predict_matrix, value_reason, width_reason
 from server.model.registry import ModelRegistry
@@ -51,7 +53,6 @@ from server.protocols.csvrows import feature_positions, fit_to_header, output_co
 log = logging.getLogger("server.score")
 
 EXIT_UNREADABLE = 2
-REJECT_COLUMNS = ["row", "reason"]
 
 
 class Unusable(Exception):
@@ -104,12 +105,16 @@ def score_frame(lv: LoadedVersion, frame: pd.DataFrame, positions: list[int],
 
 
 def score_partition_to_part(frame: pd.DataFrame, lv: LoadedVersion, positions: list[int],
-                            parts: Parts, partition_info: dict[str, Any] | None = None
-                            ) -> pd.DataFrame:
-    """What a Dask worker runs: score partition k and write it as part k."""
+                            parts: Parts, columns: list[str] | None = None,
+                            partition_info: dict[str, Any] | None = None) -> pd.DataFrame:
+    """What a Dask worker runs: score partition k and write it as part k. With ``columns``
+    (CSV input), the partition holds raw lines, read here as a single process reads them."""
     assert partition_info is not None  # dask passes it because the signature names it
     k = int(partition_info["number"])
-    bad = parts.write(k, score_frame(lv, frame, positions))
+    rejected = None
+    if columns is not None:
+        frame, rejected = rows_frame(list(csv.reader(frame["line"].tolist())), columns)
+    bad = parts.write(k, score_frame(lv, frame, positions, rejected))
     return pd.DataFrame({"rows": [len(frame)], "bad": [bad]})
 
 
@@ -159,7 +164,7 @@ def open_source(path: Path) -> Source:
             return Source(path, fmt, names, meta.num_rows, size)
         with get_handle(path, "r", compression="infer", encoding="utf-8-sig",
                         errors="replace") as handle:
-            header = next(csv.reader(handle.handle), None)
+            header = next(filter(None, csv.reader(handle.handle)), None)
         if header is None:
             raise ValueError("the file is empty: it needs a header row")
     except (OSError, ValueError, ImportError, csv.Error) as exc:  # pandas/pyarrow errors too
@@ -167,11 +172,25 @@ def open_source(path: Path) -> Source:
     return Source(path, fmt, [str(c) for c in header], None, size)
 
 
-def csv_options(source: Source) -> dict[str, Any]:
-    """What Dask's pandas reader is given: strings in, so passthrough columns come out as
-    written, and no ``usecols``: a line with more fields than the header fails the run
-    rather than being scored on its first fields."""
-    return {"dtype": str, "keep_default_na": False, "na_filter": False}
+def csv_lines(source: Source, chunk_rows: int) -> Any:
+    """A CSV input as a Dask frame of raw lines (one ``line`` column, the header skipped),
+    each partition read by ``rows_frame`` on its worker: field counts are checked there as
+    in a single process. (Dask splits at newlines, as its own CSV reader does.)"""
+    import dask.dataframe as dd
+
+    return dd.read_csv(source.path, blocksize=_blocksize(source.path, chunk_rows), sep="\x1f",
+                       header=0, names=["line"], quoting=csv.QUOTE_NONE, dtype=str,
+                       keep_default_na=False, na_filter=False)
+
+
+def rows_frame(rows: list[list[str]], columns: list[str]) -> tuple[pd.DataFrame, list[str] | None]:
+    """CSV rows as a frame of strings, and why each row is rejected when some are: a row
+    whose field count is not the header's keeps its place with the reason (``csvrows``)."""
+    rows = [r for r in rows if r]  # a blank line is no row
+    width = len(columns)
+    reasons = [width_reason(width, len(r)) if len(r) != width else "" for r in rows]
+    fitted = [r if len(r) == width else fit_to_header(r, width) for r in rows]
+    return pd.DataFrame(fitted, columns=columns, dtype=str), (reasons if any(reasons) else None)
 
 
 Chunk = tuple[pd.DataFrame, list[str] | None, float]
@@ -189,20 +208,17 @@ def read_chunks(source: Source, chunk_rows: int) -> Iterator[Chunk]:
             done += batch.num_rows
             yield batch.to_pandas(), None, done / max(source.total_rows or 1, 1)
         return
-    width = len(source.columns)
     # pandas opens the file, decompressing by extension, with newline="" as csv wants
     with get_handle(source.path, "r", compression="infer", encoding="utf-8-sig",
                     errors="replace") as handle:
         raw = handle.handle
-        reader = csv.reader(raw)
+        reader = filter(None, csv.reader(raw))  # a blank line is no row
         next(reader, None)  # the header, read by open_source
         compressed = not source.path.name.lower().endswith(".csv")
         while chunk := [row for _, row in zip(range(chunk_rows), reader)]:
-            reasons = [width_reason(width, len(r)) if len(r) != width else "" for r in chunk]
-            rows = [r if len(r) == width else fit_to_header(r, width) for r in chunk]
-            frame = pd.DataFrame(rows, columns=source.columns, dtype=str)
+            frame, rejected = rows_frame(chunk, source.columns)
             read = 0 if compressed else _bytes_read(raw)
-            yield frame, (reasons if any(reasons) else None), min(read / max(source.size, 1), 1.0)
+            yield frame, rejected, min(read / max(source.size, 1), 1.0)
 
 
 def _bytes_read(text: Any) -> int:
@@ -211,169 +227,6 @@ def _bytes_read(text: Any) -> int:
         return int(text.buffer.tell())
     except (AttributeError, OSError, ValueError):
         return 0
-
-
-# --- Parts on disk ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Job:
-    """What the parts were made from; parts of another job are discarded, not mixed in."""
-
-    input: str
-    input_size: int
-    input_mtime_ns: int
-    model: str
-    version: str
-    sha256: str
-    chunk_rows: int
-    mode: str  # "single" or "dask": they cut the input differently
-    out_format: str
-
-
-class Parts:
-    def __init__(self, output: Path, fmt: str, job: Job, prediction: Any = None) -> None:
-        self.output, self.fmt, self.prediction = output, fmt, prediction
-        self.dir = Path(f"{output}.parts")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        stamp = self.dir / "job.json"
-        wanted = asdict(job)
-        if stamp.exists():
-            try:
-                same = json.loads(stamp.read_text()) == wanted
-            except (OSError, ValueError):
-                same = False
-            if not same:
-                log.warning("parts in %s come from another input, model or chunk size: "
-                            "starting over", self.dir)
-                shutil.rmtree(self.dir)
-                self.dir.mkdir(parents=True)
-        if not stamp.exists():
-            _atomic_write(stamp, json.dumps(wanted).encode())
-
-    def data(self, k: int) -> Path:
-        return self.dir / f"part-{k:05d}.{self.fmt}"
-
-    def manifest(self, k: int) -> Path:
-        return self.dir / f"part-{k:05d}.json"
-
-    def rejects(self, k: int) -> Path:
-        return self.dir / f"rejects-{k:05d}.csv"
-
-    def done(self, k: int) -> bool:
-        return self.data(k).exists() and self.manifest(k).exists()
-
-    def rows(self, k: int) -> int:
-        return int(json.loads(self.manifest(k).read_text())["rows"])
-
-    def write(self, k: int, scored: pd.DataFrame) -> int:
-        """Write chunk ``k``; the data part is renamed into place last. Returns bad rows."""
-        bad = scored["error"].to_numpy() != ""
-        rejects = pd.DataFrame({"row": np.flatnonzero(bad) + 1,  # within the chunk
-                                "reason": scored["error"].to_numpy()[bad]})
-        tmp = self.rejects(k).with_suffix(".tmp")
-        rejects.to_csv(tmp, index=False)
-        os.replace(tmp, self.rejects(k))
-        _atomic_write(self.manifest(k), json.dumps({"rows": len(scored),
-                                                    "bad": int(bad.sum())}).encode())
-        tmp = self.data(k).with_name(self.data(k).name + ".tmp")
-        if self.fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            pq.write_table(to_arrow(scored, self.prediction), tmp)
-        else:
-            scored.to_csv(tmp, index=False)
-        os.replace(tmp, self.data(k))
-        return int(bad.sum())
-
-    def concatenate(self, count: int) -> tuple[int, int]:
-        """Stream parts 0..count-1 into OUTPUT and OUTPUT.rejects.csv; (rows, bad rows)."""
-        rows = bad = 0
-        tmp = self.output.with_name(self.output.name + ".tmp")
-        rejects_path = Path(f"{self.output}.rejects.csv")
-        rejects_tmp = rejects_path.with_name(rejects_path.name + ".tmp")
-        writer = None
-        with open(rejects_tmp, "w", encoding="utf-8", newline="") as rejects_out:
-            rejects_out.write(",".join(REJECT_COLUMNS) + "\n")
-            with (open(tmp, "wb") if self.fmt == "csv" else _nullcontext()) as csv_out:
-                for k in range(count):
-                    part = self.data(k)
-                    if self.fmt == "csv":
-                        with part.open("rb") as fh:
-                            header = fh.readline()
-                            if k == 0:
-                                csv_out.write(header)
-                            shutil.copyfileobj(fh, csv_out, 1 << 20)
-                    else:
-                        import pyarrow.parquet as pq
-
-                        pf = pq.ParquetFile(part)
-                        if writer is None:
-                            writer = pq.ParquetWriter(tmp, pf.schema_arrow)
-                        for g in range(pf.num_row_groups):
-                            writer.write_table(pf.read_row_group(g).cast(writer.schema))
-                    for chunk in pd.read_csv(self.rejects(k), chunksize=100_000,
-                                             dtype={"row": "int64", "reason": str},
-                                             keep_default_na=False):
-                        chunk["row"] += rows
-                        chunk.to_csv(rejects_out, index=False, header=False)
-                        bad += len(chunk)
-                    rows += self.rows(k)
-        if writer is not None:
-            writer.close()
-        elif self.fmt == "parquet":  # no chunk at all: an empty file with no columns
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.write_table(pa.table({}), tmp)
-        os.replace(tmp, self.output)
-        os.replace(rejects_tmp, rejects_path)
-        return rows, bad
-
-
-class _nullcontext:
-    def __enter__(self) -> Any:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def to_arrow(scored: pd.DataFrame, prediction: Any) -> Any:
-    """Arrow types fixed by column, so a chunk of only bad rows has its siblings' schema."""
-    import pyarrow as pa
-
-    fields = {}
-    for name in scored.columns:
-        values = scored[name]
-        if name in ("label", "error"):
-            fields[name] = pa.array(values.to_numpy(), type=pa.string(), from_pandas=True)
-        elif name == "confidence":
-            fields[name] = pa.array(values.to_numpy(), type=pa.float64(), from_pandas=True)
-        elif name == "prediction":
-            fields[name] = pa.array(values.to_numpy(), type=prediction,
-                                    from_pandas=True)
-        else:
-            fields[name] = pa.Array.from_pandas(values)
-    return pa.table(fields)
-
-
-def prediction_type(lv: LoadedVersion) -> Any:
-    """The Arrow type of ``prediction``: from the model, never from one chunk's values."""
-    import pyarrow as pa
-
-    classes = lv.classes if lv.task == "classification" else None
-    if classes and all(isinstance(c, str) for c in classes):
-        return pa.string()
-    if classes and all(isinstance(c, int) and not isinstance(c, bool) for c in classes):
-        return pa.int64()
-    if classes and all(isinstance(c, bool) for c in classes):
-        return pa.bool_()
-    return pa.float64()
 
 
 # --- Progress --------------------------------------------------------------------------------
@@ -454,11 +307,11 @@ def run_dask(lv: LoadedVersion, source: Source, parts: Parts, positions: list[in
     import dask.dataframe as dd
     from dask.distributed import Client, LocalCluster, as_completed
 
+    columns = None
     if source.fmt == "parquet":
         ddf = dd.read_parquet(source.path, split_row_groups=True)
     else:
-        ddf = dd.read_csv(source.path, blocksize=_blocksize(source.path, chunk_rows),
-                          **csv_options(source))
+        ddf, columns = csv_lines(source, chunk_rows), source.columns
     logging.getLogger("distributed").setLevel(logging.WARNING)
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                            dashboard_address=None, silence_logs=logging.WARNING) \
@@ -471,7 +324,7 @@ def run_dask(lv: LoadedVersion, source: Source, parts: Parts, positions: list[in
         meta = pd.DataFrame({"rows": pd.Series(dtype="int64"), "bad": pd.Series(dtype="int64")})
         # Each worker writes its partition's part itself (atomic rename, as single-process):
         # only two numbers come back, not the scored rows.
-        pieces = ddf.map_partitions(score_partition_to_part, model, positions, parts,
+        pieces = ddf.map_partitions(score_partition_to_part, model, positions, parts, columns,
                                     meta=meta).to_delayed()
         todo = [k for k in range(len(pieces)) if not parts.done(k)]
         finished = 0

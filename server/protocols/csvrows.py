@@ -114,8 +114,9 @@ def score_csv(
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*header, *columns])
     rows = bad = 0
+    rows_of = filter(None, reader)  # a blank line is no row
     while True:
-        chunk = [r for _, r in zip(range(CHUNK_ROWS), reader)]
+        chunk = [r for _, r in zip(range(CHUNK_ROWS), rows_of)]
         if not chunk:
             break
         parsed = parse_rows(chunk, positions, width, names)

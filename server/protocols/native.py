@@ -33,12 +33,17 @@ def parse_json(raw: bytes | str) -> Any:
         raise ApiError(400, "bad_json", f"malformed JSON: {exc}") from exc
 
 
-def validate(schema: type[M], payload: Any, features: tuple[str, ...] | None = None) -> M:
-    """``payload`` as ``schema``, or a 422 naming every bad field. With the model's
-    ``features``, a row's bad value says which feature and why, as CSV rows do."""
+def require_object(payload: Any) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise ApiError(422, "validation_error", "the body must be a JSON object",
                        [{"loc": [], "msg": "expected an object"}])
+    return payload
+
+
+def validate(schema: type[M], payload: Any, features: tuple[str, ...] | None = None) -> M:
+    """``payload`` as ``schema``, or a 422 naming every bad field. With the model's
+    ``features``, a row's bad value says which feature and why, as CSV rows do."""
+    require_object(payload)
     try:
         return schema.model_validate(payload)
     except ValidationError as exc:
@@ -65,10 +70,9 @@ def _feature_at(loc: list[Any], features: tuple[str, ...]) -> str | None:
 
 
 def named_target(payload: Any) -> tuple[str | None, str | None]:
-    """``model`` and ``version`` of a body before it is validated, when they are strings or
-    (the version) an integer; whatever else is there is refused by the validation."""
-    if not isinstance(payload, dict):
-        return None, None
+    """``model`` and ``version`` of a body (an object) before it is validated, when they are
+    strings or (the version) an integer; whatever else is there is refused by validation."""
+    require_object(payload)
     model, version = payload.get("model"), payload.get("version")
     if isinstance(version, int) and not isinstance(version, bool):
         version = str(version)

@@ -32,7 +32,7 @@ def resident_mb() -> float:
         return 0.0
 
 
-class WorkerMetrics:
+class WorkerFigures:
     """Counts one worker's requests and streams; snapshots them once a second."""
 
     def __init__(self, runtime_dir: Path, extra: Callable[[], dict[str, Any]]) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from server.model.loaded import LoadedVersion
-from server.runtime import prometheus as metrics
+from server.runtime import prometheus
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class _Batch:
                     self.results.append(predict(self.lv, row))
                 except Exception as exc:  # noqa: BLE001 - this row's own error, raised to it
                     self.results.append(exc)
-        metrics.MICRO_BATCH_ROWS.observe(len(self.rows))
+        prometheus.MICRO_BATCH_ROWS.observe(len(self.rows))
 
     def outcome(self, index: int) -> list[dict[str, Any]]:
         result = self.results[index]

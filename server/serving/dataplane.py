@@ -18,7 +18,7 @@ from server.errors import ApiError
 from server.model.loaded import LoadedVersion
 from server.model.predict import Columns, RowInput, predict_columns, to_matrix
 from server.model.registry import ModelRegistry, ReloadReport
-from server.runtime import prometheus as metrics
+from server.runtime import prometheus
 from server.serving.batching import MicroBatcher, cooperate
 from server.serving.cache import NoCache, PredictionCache, row_keys
 from server.serving.experiments import Arm, Experiment, Experiments, MemoryStats
@@ -87,11 +87,11 @@ class DataPlane:
             outcome = Outcome(lv, cached, results)
         count = len(outcome)
         cached = outcome.cached
-        metrics.child(metrics.PREDICTIONS, lv.name, lv.version).inc(count)
-        metrics.BATCH_ROWS.observe(count)
+        prometheus.child(prometheus.PREDICTIONS, lv.name, lv.version).inc(count)
+        prometheus.BATCH_ROWS.observe(count)
         if self.cache.enabled:
-            metrics.child(metrics.CACHE, "hit").inc(cached)
-            metrics.child(metrics.CACHE, "miss").inc(count - cached)
+            prometheus.child(prometheus.CACHE, "hit").inc(cached)
+            prometheus.child(prometheus.CACHE, "miss").inc(count - cached)
         key = f"{lv.name}:{lv.version}"
         with self._count_lock:
             self.predictions += count

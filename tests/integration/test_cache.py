@@ -21,6 +21,9 @@ from sklearn.tree import DecisionTreeClassifier
 
 from tests.conftest import LiveServer, RedisServer, wait_until
 
+# Starts servers of its own or runs for long: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 ROW = [5.1, 3.5, 1.4, 0.2]
 
 

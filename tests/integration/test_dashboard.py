@@ -31,6 +31,9 @@ from selenium.webdriver.support.ui import Select
 
 from tests.conftest import ADMIN_TOKEN, ROOT, LiveServer, wait_until
 
+# Starts servers of its own or runs for long: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR") or ROOT / "test-artifacts" / "dashboard")

@@ -19,6 +19,9 @@ from sklearn.linear_model import LogisticRegression
 from server.serving.experiments import Arm, Experiment
 from tests.conftest import LiveServer, RedisServer, wait_until
 
+# Starts servers of its own or runs for long: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 ROW = [5.1, 3.5, 1.4, 0.2]
 USERS = [f"user-{i}" for i in range(300)]
 

@@ -18,6 +18,9 @@ import requests
 
 from tests.conftest import LiveServer, wait_until
 
+# Starts servers of its own or runs for long: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 ROW = [5.1, 3.5, 1.4, 0.2]
 KEEPALIVE = 1
 CLIENT_TIMEOUT = 2

@@ -7,7 +7,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import LiveServer, scrape_metrics
+
+# Starts servers of its own or runs for long: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
 
 
 def sample(text: str, name: str, **labels: str) -> float:

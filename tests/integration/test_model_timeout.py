@@ -10,11 +10,15 @@ from pathlib import Path
 
 import joblib
 import numpy as np
+import pytest
 import requests
 from sklearn.datasets import load_iris
 
 from tests.conftest import LiveServer
 from tests.slow_model import SlowLogistic
+
+# Starts servers of its own or runs for long: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
 
 
 def test_slow_batch_times_out_and_the_worker_stays_responsive(

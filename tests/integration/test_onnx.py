@@ -17,11 +17,12 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 
 from server.model.onnx import TOLERANCE
+from tests.answers import assert_classes_agree
 from tests.conftest import LiveServer
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     find_spec("onnxruntime") is None or find_spec("skl2onnx") is None,
-    reason="requirements-onnx.txt is not installed")
+    reason="requirements-onnx.txt is not installed")]
 
 IRIS = load_iris()
 CLASSES = ["setosa", "versicolor", "virginica"]
@@ -57,13 +58,24 @@ def test_onnx_versions_are_described_and_answer_like_the_estimator(
                            json={"model": "iris", "version": version, "instances": X.tolist()})
         assert resp.status_code == 200, resp.text
         got = resp.json()
-        assert got["predictions"] == est.predict(X).tolist()
+        # The forest's classes are exact; the logistic regression's session multiplies with
+        # ONNX Runtime's kernels for this CPU: its class is compared except near a tie.
+        tie = 2 * TOLERANCE
+        if version == "1":
+            assert got["predictions"] == est.predict(X).tolist()
+        else:
+            assert_classes_agree(got["predictions"], est.predict(X).tolist(),
+                                 est.predict_proba(X), tie)
         proba = np.array([[p[c] for c in CLASSES] for p in got["probabilities"]])
         assert np.abs(proba - est.predict_proba(X)).max() <= TOLERANCE
 
         single = server.post("/predict", json={"model": "iris", "version": version,
                                                "features": X[7].tolist()}).json()
-        assert single["prediction"] == est.predict(X[7:8])[0]
+        if version == "1":
+            assert single["prediction"] == est.predict(X[7:8])[0]
+        else:
+            assert_classes_agree([single["prediction"]], est.predict(X[7:8]).tolist(),
+                                 est.predict_proba(X[7:8]), tie)
         want = est.predict_proba(X[7:8])[0]
         assert max(abs(single["probabilities"][c] - p) for c, p in zip(CLASSES, want)) \
             <= TOLERANCE

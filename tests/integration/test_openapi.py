@@ -27,6 +27,9 @@ import server.http.blueprints
 from server.http.openapi import JSON, OPERATIONS, build_document
 from tests.conftest import ADMIN_TOKEN, LiveServer
 
+# Starts servers of its own or runs for long: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 DOCUMENT = build_document()
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

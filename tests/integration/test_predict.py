@@ -70,6 +70,7 @@ def test_every_iris_row_matches_in_process_to_the_bit(
                             json={"model": "iris", "version": version, "instances": IRIS.tolist()})
     assert resp.status_code == 200
     got = orjson.loads(resp.content)
+    # Exact for LogisticRegression too: the server makes the same 150-row call (one chunk).
     proba = est.predict_proba(IRIS)
     assert got["count"] == len(IRIS)
     assert got["predictions"] == est.predict(IRIS).tolist()
@@ -95,7 +96,7 @@ def test_regressor_answers_a_float_without_probabilities(
     assert "probabilities" not in single and "confidence" not in single and "label" not in single
     batch = live_server.post("/predict/batch",
                              json={"model": "diabetes", "instances": data[:100].tolist()}).json()
-    assert batch["predictions"] == est.predict(data[:100]).tolist()
+    assert batch["predictions"] == est.predict(data[:100]).tolist()  # the same 100-row call
     assert set(batch) == {"model", "version", "count", "predictions", "cached", "request_id"}
 
 

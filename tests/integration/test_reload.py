@@ -11,10 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import joblib
+import pytest
 from sklearn.datasets import load_iris
 from sklearn.tree import DecisionTreeClassifier
 
 from tests.conftest import LiveServer, wait_until
+
+# Starts servers of its own or runs for long: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
 
 ROW = {"features": [6.3, 2.5, 5.0, 1.9]}
 

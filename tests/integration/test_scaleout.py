@@ -29,6 +29,9 @@ from sklearn import datasets
 
 from tests.conftest import ROOT, LiveServer, Process, RedisServer, free_port, wait_until
 
+# Starts servers of its own or runs for long: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 COMPOSE = ROOT / "docker-compose.yml"
 IRIS = datasets.load_iris().data

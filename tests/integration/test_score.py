@@ -19,6 +19,7 @@ from server.model.loaded import LoadedVersion
 from server.model.predict import predict_matrix
 from server.model.registry import ModelRegistry
 from server.model.repository import ModelRepository
+from tests.answers import assert_rows_close, tree_based
 from tests.conftest import ROOT
 
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
@@ -81,13 +82,21 @@ def test_csv_answers_equal_predict_matrix(demo_repo: Path, iris_csv: Path, tmp_p
     assert run("iris:" + version, iris_csv, out, "--model-dir", demo_repo,
                "--chunk-rows", 100) == 0
     got = pd.read_csv(out, dtype=str, keep_default_na=False)
-    expected = predict_matrix(resolve(demo_repo, "iris", version), iris_rows())
+    lv = resolve(demo_repo, "iris", version)
+    expected = predict_matrix(lv, iris_rows())
     assert list(got.columns) == ["id", *FEATURES, "prediction", "label", "confidence", "error"]
     assert got["id"].tolist() == [f"r{i}" for i in range(ROWS)]
-    assert got["prediction"].astype(int).tolist() == [r["prediction"] for r in expected]
-    assert got["label"].tolist() == [r["label"] for r in expected]
-    # Bit for bit: the CSV holds each float's shortest round-trip repr.
-    assert got["confidence"].astype(float).tolist() == [r["confidence"] for r in expected]
+    if tree_based(lv.estimator):  # 2 and canary, the forest: the same bits in any chunking
+        assert got["prediction"].astype(int).tolist() == [r["prediction"] for r in expected]
+        assert got["label"].tolist() == [r["label"] for r in expected]
+        # Bit for bit: the CSV holds each float's shortest round-trip repr.
+        assert got["confidence"].astype(float).tolist() == [r["confidence"] for r in expected]
+    else:
+        # 1 and stable, LogisticRegression: chunks of 100 rows against one 450-row call, and
+        # a matrix product's rounding depends on the rows in the call and the BLAS kernel.
+        rows = [{"prediction": int(p), "label": label, "confidence": float(c)}
+                for p, label, c in zip(got["prediction"], got["label"], got["confidence"])]
+        assert_rows_close(rows, expected, fields=("prediction", "label", "confidence"))
     assert (got["error"] == "").all()
 
 
@@ -104,6 +113,7 @@ def test_regression_model_scores_by_feature_name(demo_repo: Path, tmp_path: Path
     assert run("diabetes", tmp_path / "d.csv", out, "--model-dir", demo_repo) == 0
     got = read_floats(out)
     expected = predict_matrix(lv, np.asarray(data.data[:300], dtype="<f8"))
+    # Exact for Ridge too: 300 rows are one chunk (--chunk-rows 50000), the same call.
     assert got["prediction"].tolist() == [r["prediction"] for r in expected]
 
 
@@ -143,14 +153,18 @@ def test_bad_rows_go_to_rejects_and_run_exits_0(demo_repo: Path, tmp_path: Path,
     assert bad["id"].tolist() == [f"{b[0]}-{i}" for i in (10, 120) for b in BAD_LINES]
     assert (bad["prediction"] == "").all()
     # ``row`` counts data rows from 1: the row after r10 is data row 12.
-    assert rejects["row"].tolist() == [12, 13, 14, 15, 126, 127, 128, 129]
+    n = len(BAD_LINES)
+    assert rejects["row"].tolist() == [*range(12, 12 + n), *range(122 + n, 122 + 2 * n)]
     assert rejects["reason"].tolist() == bad["error"].tolist()
     for reason, (_, _, start) in zip(rejects["reason"], BAD_LINES * 2):
         assert reason.startswith(start)
     good = got[got["error"] == ""]
     expected = predict_matrix(resolve(demo_repo, "iris", "1"), iris_rows())
-    assert good["confidence"].astype(float).tolist() == [r["confidence"] for r in expected]
-    assert "(8 rejected)" in capsys.readouterr().err
+    # LogisticRegression in chunks of 100 rows (fewer where bad rows were taken out) against
+    # one call on all rows: the product may round differently; the numbers agree to rounding.
+    assert_rows_close([{"confidence": c} for c in good["confidence"].astype(float)], expected,
+                      fields=("confidence",))
+    assert f"({2 * n} rejected)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, content, message", [

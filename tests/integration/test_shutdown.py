@@ -12,10 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 import requests
 from sklearn import datasets
 
 from tests.conftest import LiveServer, wait_until
+
+# Starts servers of its own or runs for long: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
 
 
 def test_sigterm_drains_then_finishes_streams_and_requests(

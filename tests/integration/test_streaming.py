@@ -3,6 +3,7 @@ real gunicorn with gevent workers."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -21,7 +22,11 @@ import sseclient
 from simple_websocket import Client
 from sklearn import datasets
 
+from tests.answers import assert_close
 from tests.conftest import LiveServer, wait_until
+
+# Starts servers of its own or runs for long: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
 
 IRIS = datasets.load_iris().data
 
@@ -67,6 +72,7 @@ def test_events_arrive_while_the_rest_is_computed(stream_server: LiveServer) -> 
     assert progress[-1] == {"done": 50_000, "total": 50_000} and len(progress) == 250
     batch = stream_server.post("/predict/batch", json={"model": "iris", "version": "2",
                                                        "instances": rows[:1000]}).json()
+    # iris v2, a forest: the same bits in chunks of 200 rows as in one call
     assert [p["probabilities"] for p in predictions[:1000]] == batch["probabilities"]
 
 
@@ -137,7 +143,9 @@ def test_csv_round_trip_of_100k_rows_in_flat_memory(stream_server: LiveServer) -
     assert [s[30] for s in sample] == ["r0", "r49999", "r99999"]
     batch = stream_server.post("/predict/batch", json={
         "model": "breast_cancer", "instances": [data[0].tolist()]}).json()
-    assert float(sample[0][33]) == batch["confidences"][0]
+    # Row 0 of a many-row chunk against a one-row call: breast_cancer's LogisticRegression
+    # product (gemm vs gemv) may round differently; the CSV's repr floats are exact.
+    assert_close(float(sample[0][33]), batch["confidences"][0])
     assert after - before < 40, (before, after)  # the 20 MB body is never held in memory
 
 
@@ -154,10 +162,14 @@ def test_csv_progress_events_and_bad_rows(stream_server: LiveServer) -> None:
     assert progress[0]["bytes"] <= progress[-1]["bytes"]
     assert json.loads(got[-2][1]) == {"status": "complete", "rows": 3003, "errors": 3}
     assert got[-1][1] == "[DONE]"
-    plain = stream_server.post("/predict/csv?model=iris", data=body,
-                               headers={"Content-Type": "text/csv"}).text.splitlines()
-    assert plain[-3].endswith("not a number: 'x'") and plain[-2].endswith("NaN or infinity")
-    assert "expected at least 4 columns" in plain[-1]
+    plain = list(csv.reader(io.StringIO(stream_server.post(
+        "/predict/csv?model=iris", data=body, headers={"Content-Type": "text/csv"}).text)))
+    # the same reasons as python -m server.score gives; the short row keeps its place and the
+    # output stays aligned
+    assert [row[-1] for row in plain[-3:]] == [
+        "not a number for feature 'petal_length': 'x'",
+        "NaN or infinity for feature 'petal_length'", "expected 4 values, got 2"]
+    assert {len(row) for row in plain} == {len(plain[0])}
 
 
 @pytest.mark.parametrize(("query", "body", "headers", "status", "code"), [

@@ -21,6 +21,9 @@ from sklearn.datasets import load_iris
 
 from tests.conftest import LiveServer, wait_until
 
+# Starts servers of its own or runs for long: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 ROW = {"features": [6.3, 2.5, 5.0, 1.9]}
 IRIS_HEADER = "sepal_length,sepal_width,petal_length,petal_width,target"
 EPOCH_KEYS = {"epoch", "total_epochs", "loss", "accuracy"}

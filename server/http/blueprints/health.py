@@ -9,7 +9,7 @@ from flask import Blueprint, Response
 
 from server.http.auth import require_metrics_key
 from server.http.context import json_response, state
-from server.runtime import prometheus as metrics
+from server.runtime import prometheus
 from server.runtime.blas import blas_threads
 from server.runtime.figures import resident_mb
 
@@ -33,10 +33,10 @@ def ready() -> Response:
 
 
 @bp.get("/metrics")
-def prometheus() -> Response:
+def metrics_text() -> Response:
     """Prometheus text, summed over every worker of this server."""
     require_metrics_key()
-    return Response(metrics.exposition(), content_type=metrics.CONTENT_TYPE)
+    return Response(prometheus.exposition(), content_type=prometheus.CONTENT_TYPE)
 
 
 @bp.get("/status")
@@ -53,7 +53,7 @@ def status() -> Response:
         "uptime_seconds": round(time.time() - st.started, 3),
         "predictions_served": st.dataplane.predictions,
         "rss_mb": resident_mb(),
-        "streams": dict(st.metrics.streams),
+        "streams": dict(st.figures.streams),
         "scope": "this worker",
         "models": models,
         "last_reload": st.registry.last_reload,

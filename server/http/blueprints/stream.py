@@ -14,11 +14,10 @@ from flask import Blueprint, Response, g, request
 from server.errors import ApiError
 from server.http.auth import require_api_key
 from server.http.body import read_json, read_target
-from server.http.context import counted, sse, state
-from server.protocols import native
-from server.protocols import sse as streaming
+from server.http.context import counted, sse_response, state
+from server.protocols import native, sse
 from server.protocols.csvrows import feature_positions, open_csv, score_csv
-from server.runtime import figures as monitor
+from server.runtime import figures
 from server.schemas import BatchRequest
 
 bp = Blueprint("stream", __name__)
@@ -38,9 +37,9 @@ def predict_stream() -> Response:
     req = native.validate(BatchRequest, payload, lv.feature_names)
     # Everything that can be wrong with the whole body is answered before the stream starts.
     X = front.matrix(lv, req.instances, ["instances"], st.settings.stream_max_rows)
-    return sse(streaming.prediction_events(
+    return sse_response(sse.prediction_events(
         lambda part: front.predict(lv, part, ["instances"]).results,
-        X, st.settings.stream_chunk_rows, lambda n: st.metrics.stream("rows", n),
+        X, st.settings.stream_chunk_rows, lambda n: st.figures.stream("rows", n),
     ))
 
 
@@ -70,7 +69,7 @@ def predict_csv() -> Response:
 
     chunks = score_csv(lv, body, predict, positions, header, reader)
     if "text/event-stream" in request.headers.get("Accept", ""):
-        return sse(_csv_progress(chunks, body))
+        return sse_response(_csv_progress(chunks, body))
     return Response(counted(_closing(chunks, body)), mimetype="text/csv",
                     headers={"Content-Disposition": f'attachment; filename="{name}-scored.csv"'})
 
@@ -88,9 +87,9 @@ def _csv_progress(chunks: Iterator[tuple[str, int, int, int]], body: Any) -> Ite
     rows = bad = 0
     try:
         for _, rows, bad, read in chunks:
-            yield streaming.event({"rows": rows, "errors": bad, "bytes": read}, "progress")
+            yield sse.event({"rows": rows, "errors": bad, "bytes": read}, "progress")
             time.sleep(0)
-        yield streaming.event({"status": "complete", "rows": rows, "errors": bad})
+        yield sse.event({"status": "complete", "rows": rows, "errors": bad})
     finally:
         body.close()
 
@@ -102,7 +101,7 @@ def server_events() -> Response:
     ping = st.settings.heartbeat_seconds
 
     def source() -> Iterator[str]:
-        yield streaming.event({"type": "hello", "models": sorted(st.registry.models)})
+        yield sse.event({"type": "hello", "models": sorted(st.registry.models)})
         recent: dict[tuple[Any, ...], float] = {}
         last_metrics = last_sent = time.monotonic()
         for batch in st.events.follow(0.2):
@@ -112,13 +111,13 @@ def server_events() -> Response:
                 key = (ev.get("type"), ev.get("model"), ev.get("version"))
                 if now - recent.get(key, -1e9) > 5:
                     recent[key] = now
-                    yield streaming.event(ev, ev.get("type"))
+                    yield sse.event(ev, ev.get("type"))
                     last_sent = now
             if now - last_metrics >= 1.0:
                 last_metrics = last_sent = now
-                yield streaming.event({"type": "metrics", **monitor.summary(runtime)}, "metrics")
+                yield sse.event({"type": "metrics", **figures.summary(runtime)}, "metrics")
             elif now - last_sent >= ping:
                 last_sent = now
-                yield streaming.PING
+                yield sse.PING
 
-    return sse(source())
+    return sse_response(source())

@@ -19,11 +19,10 @@ from flask import Blueprint, Response, g, request
 from server.errors import ApiError, not_found, validation_error
 from server.http.auth import require_admin
 from server.http.body import read_json
-from server.http.context import ServerState, sse, state
+from server.http.context import ServerState, sse_response, state
 from server.jobs.training import TARGET, data_path, train_events
 from server.model.repository import inside, is_valid_name
-from server.protocols import native
-from server.protocols import sse as streaming
+from server.protocols import native, sse
 from server.schemas import TrainRequest
 
 bp = Blueprint("train", __name__)
@@ -54,7 +53,7 @@ def train_stream() -> Response:
             raise not_found("training_data", f"model '{req.model}' has no training data: "
                             "POST a CSV (Content-Type: text/csv) instead")
     source = _train(st, req.model, req.epochs, posted)
-    response = sse(streaming.with_heartbeat(source, st.settings.heartbeat_seconds))
+    response = sse_response(sse.with_heartbeat(source, st.settings.heartbeat_seconds))
     if posted is not None:
         # Also runs when the stream never started; the child has read the file by then.
         response.call_on_close(lambda: posted.unlink(missing_ok=True))
@@ -67,7 +66,7 @@ def _train(st: ServerState, model: str, epochs: int, data: Path | None) -> Itera
         last: dict[str, Any] = {}
         for message in events:
             if "error" in message:
-                yield streaming.error_event(str(message["error"]),
+                yield sse.error_event(str(message["error"]),
                                             code=message.get("code", "training_failed"))
                 return
             if message.get("status") == "complete":
@@ -76,10 +75,10 @@ def _train(st: ServerState, model: str, epochs: int, data: Path | None) -> Itera
                 st.events.publish("training_complete", {
                     "model": model, "version": version, "epochs": epochs,
                     "accuracy": last.get("accuracy")})
-                yield streaming.event({"status": "complete", "version": version})
+                yield sse.event({"status": "complete", "version": version})
                 return
             last = message
-            yield streaming.event(message)
+            yield sse.event(message)
 
 
 def _query_payload() -> dict[str, object]:

@@ -14,7 +14,7 @@ from server.http.auth import require_api_key
 from server.http.body import refuse_deep_json
 from server.http.context import state
 from server.protocols import native
-from server.runtime import figures as monitor
+from server.runtime import figures
 from server.schemas import PredictRequest
 
 bp = Blueprint("ws", __name__)
@@ -60,7 +60,7 @@ def ws_monitor(ws: Any) -> None:
     runtime = state().events.dir
     try:
         while True:
-            ws.send(orjson.dumps(monitor.summary(runtime)).decode())
+            ws.send(orjson.dumps(figures.summary(runtime)).decode())
             # receive() doubles as the one-second sleep and notices a closed socket.
             if ws.receive(timeout=1.0) is None and not ws.connected:
                 return

@@ -1,5 +1,6 @@
 """Micro-batching below the HTTP layer: which versions may be batched, that batched answers are
-the estimator's one-row answers bit for bit, and that a failing row fails only itself."""
+the estimator's one-row answers bit for bit, and that a failing row fails only itself (the
+data plane's use of it: test_dataplane.py)."""
 
 from __future__ import annotations
 
@@ -18,14 +19,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from server.errors import ApiError
 from server.model.loaded import LoadedVersion, build_version
-from server.model.predict import Columns, predict_matrix
+from server.model.predict import predict_matrix
 from server.model.registry import ModelRegistry
 from server.model.repository import VersionOnDisk
 from server.serving import batching
 from server.serving.batching import MicroBatcher, batch_mode
-from server.serving.dataplane import DataPlane
+from tests.answers import assert_close
 
 
 def loaded(estimator: Any, min_gain_us: float | None = None) -> LoadedVersion:
@@ -53,9 +53,13 @@ def test_a_stacked_call_would_change_logistic_bits_so_logistic_goes_alone() -> N
     lr = LogisticRegression(max_iter=1000).fit(X, y)
     P = rows(500)
     alone = np.vstack([lr.predict_proba(P[i:i + 1]) for i in range(len(P))])
-    assert not np.array_equal(lr.predict_proba(P), alone)  # gemm vs gemv: the last bits move
+    # gemm vs gemv: the last bits move with most BLAS kernels, but which bits (if any)
+    # depends on the kernel the CPU gets: only the numbers are asserted.
+    assert_close(lr.predict_proba(P), alone)
     lv = loaded(lr)
     assert lv.microbatch == "off" and lv.microbatch_note
+    # Off either way: for bits that moved on the probes, or for too small a saving.
+    assert "differ" in lv.microbatch_note or "gathering costs" in lv.microbatch_note
 
 
 def test_batching_that_saves_less_than_gathering_costs_is_off(
@@ -161,37 +165,3 @@ def test_unbatchable_versions_go_alone(registry: ModelRegistry) -> None:
 
     gather(MicroBatcher(predict, max_size=8, max_delay_ms=1000), off, rows(6))
     assert calls == [1] * 6
-
-
-def test_dataplane_batches_only_one_row_requests(registry: ModelRegistry) -> None:
-    calls: list[int] = []
-
-    def predict(lv: LoadedVersion, X: np.ndarray) -> list[dict[str, Any]]:
-        calls.append(len(X))
-        return predict_matrix(lv, X)
-
-    plane = DataPlane(registry, batcher=MicroBatcher(predict, max_size=8, max_delay_ms=1000))
-    out = plane.predict("iris", "2", rows(3).tolist(), ["instances"])
-    assert len(out.results) == 3 and calls == []  # a batch request goes straight to the model
-    plane.predict("iris", "2", [rows(1)[0].tolist()], ["features"])
-    assert calls == [1]
-
-
-@pytest.mark.parametrize("version", ["1", "2"])
-def test_big_matrices_in_chunks_give_the_whole_calls_answers(registry: ModelRegistry,
-                                                             version: str) -> None:
-    lv = registry.resolve("iris", version)
-    X = rows(101)  # chunks of 10 would leave one row alone: it joins the chunk before
-    chunked = DataPlane(registry, chunk_rows=10)._call(lv, X, ["instances"])
-    assert isinstance(chunked, Columns)
-    assert chunked.rows() == predict_matrix(lv, X)
-
-
-def test_model_time_over_the_limit_is_504_at_a_chunk_boundary(registry: ModelRegistry) -> None:
-    plane = DataPlane(registry, chunk_rows=10, model_timeout=1e-9)
-    with pytest.raises(ApiError) as err:
-        plane.predict("iris", "2", rows(50).tolist(), ["instances"])
-    assert err.value.status == 504 and err.value.code == "model_timeout"
-    assert "10 of 50 rows" in err.value.message
-    assert len(DataPlane(registry, chunk_rows=10).predict("iris", "2", rows(50).tolist(),
-                                                          ["instances"]).results) == 50
