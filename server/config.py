@@ -85,3 +85,33 @@ class Settings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+
+# --- docs/configuration.md ----------------------------------------------------------------
+BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
+
+
+def settings_table() -> str:
+    """Every setting as a markdown table: variable, default, meaning (the field's docstring)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "unset" if default in ("", None) else f"`{default}`"
+        rows.append(f"| `{name.upper()}` | {shown} | {field.description} |")
+    return "\n".join(rows)
+
+
+def write_settings_table(page: Path) -> bool:
+    """Put the table between the markers of ``page``; True when that changed the page."""
+    text = page.read_text()
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    fresh = f"{head}{BEGIN}\n{settings_table()}\n{END}{tail}"
+    if fresh != text:
+        page.write_text(fresh)
+    return fresh != text
+
+
+if __name__ == "__main__":  # python -m server.config: refresh docs/configuration.md
+    target = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    print(f"{target}: {'updated' if write_settings_table(target) else 'already current'}")

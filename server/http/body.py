@@ -106,13 +106,26 @@ class BodyRequest(Request):
         return None
 
 
-def read_json() -> Any:
-    """The request body parsed as JSON (NaN and Infinity parse so they can be refused as 422)."""
+FORM = "application/x-www-form-urlencoded"  # what `curl -d` sends unless told otherwise
+
+
+def read_json(form_ok: bool = False) -> Any:
+    """The request body parsed as JSON (NaN and Infinity parse so they can be refused as 422).
+
+    With ``form_ok`` (the prediction endpoints), a JSON body sent with curl's default form
+    type is read as JSON, as TF Serving does: a pasted ``curl -d '{...}'`` works. Admin and
+    outcome endpoints stay strict, so that a cross-site HTML form cannot post to them."""
     mimetype = request.mimetype
-    if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
+    as_form = form_ok and mimetype == FORM
+    if mimetype and not as_form and mimetype != "application/json" \
+            and not mimetype.endswith("+json"):
         raise ApiError(415, "unsupported_media_type",
-                       f"expected application/json, got {mimetype}")
-    return native.parse_json(request.get_data(cache=False))
+                       f"expected application/json, got {mimetype}: send the header "
+                       "'Content-Type: application/json' (curl --json '...')")
+    body = request.get_data(cache=False)
+    if as_form:  # not checked on the way in: only JSON-typed bodies are
+        refuse_deep_json(body)
+    return native.parse_json(body)
 
 
 def read_target(front: FrontDoor, payload: Any, path_model: str | None,

@@ -25,6 +25,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from server.config import Settings
+
 SEED = 42
 
 
@@ -124,7 +126,8 @@ def write_demo(root: Path) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    root = Path(argv[0] if argv else "models")
+    """``python -m server.demo [DIR]``: DIR defaults to MODEL_DIR, as the server reads it."""
+    root = Path(argv[0]) if argv else Settings().model_dir
     written = write_demo(root)
     print(f"demo repository {root}: wrote {', '.join(written) or 'nothing (already there)'}")
     return 0

@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,7 +43,9 @@ import numpy as np
 import pandas as pd
 from pandas.io.common import get_handle
 
+from server.config import Settings
 from server.errors import ApiError
+from server.jobs import missing_extras
 from server.jobs.parts import Job, Parts, prediction_type
 from server.model.loaded import LoadedVersion
 from server.model.predict import predict_matrix, value_reason, width_reason
@@ -418,7 +421,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("model", help="MODEL or MODEL:VERSION (a number or a label)")
     parser.add_argument("input", type=Path, help=".csv or .parquet")
     parser.add_argument("output", type=Path, help=".csv or .parquet")
-    parser.add_argument("--model-dir", type=Path, default=Path("models"))
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="the model repository (default: MODEL_DIR, as the server reads it)")
     parser.add_argument("--chunk-rows", type=int, default=50_000)
     parser.add_argument("--dask", metavar="SCHEDULER", default=None,
                         help="'local' (LocalCluster, 2 worker processes) or tcp://HOST:PORT")
@@ -433,8 +437,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return score(args.model_dir, args.model, args.input, args.output, args.chunk_rows,
+    if args.dask:
+        try:
+            import_module("distributed")
+        except ModuleNotFoundError:
+            print(missing_extras("dask.distributed"), file=sys.stderr)
+            return EXIT_UNREADABLE
+    model_dir = args.model_dir if args.model_dir is not None else Settings().model_dir
+    return score(model_dir, args.model, args.input, args.output, args.chunk_rows,
                  args.dask, args.clean)
+
 
 
 if __name__ == "__main__":

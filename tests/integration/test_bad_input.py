@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import LiveServer
 
 JSON = {"Content-Type": "application/json"}
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 GOOD = {"model": "iris", "features": [5.1, 3.5, 1.4, 0.2]}
 ROW = "[5.1,3.5,1.4,0.2]"
 
@@ -29,9 +30,12 @@ CASES: list[tuple[str, str, str, dict[str, str], str | bytes, int, str, Any]] = 
      None),
     ("text-plain", "POST", "/predict", {"Content-Type": "text/plain"}, '{"model":"iris"}', 415,
      "unsupported_media_type", None),
-    ("form-encoded", "POST", "/predict/batch",
-     {"Content-Type": "application/x-www-form-urlencoded"}, "a=1", 415,
-     "unsupported_media_type", None),
+    # a prediction's body sent with `curl -d`'s form type is read as JSON (as TF Serving does)
+    ("form-encoded-not-json", "POST", "/predict/batch", FORM, "a=1", 400, "bad_json", None),
+    ("form-encoded-deep", "POST", "/predict", FORM, "[" * 40 + "]" * 40, 400, "bad_json", None),
+    # ... but outcomes and admin endpoints stay strict: no cross-site form posts to them
+    ("form-encoded-outcome", "POST", "/experiments/iris-ab/outcome", FORM,
+     '{"user_id": "u1", "value": 1}', 415, "unsupported_media_type", None),
     ("body-is-string", "POST", "/predict", JSON, '"iris"', 422, "validation_error", []),
     ("body-is-number", "POST", "/predict", JSON, "42", 422, "validation_error", []),
     ("list-to-predict-without-model", "POST", "/predict", JSON, ROW, 422, "validation_error", []),
@@ -130,6 +134,19 @@ def test_bad_request_gets_json_4xx_and_server_keeps_serving(
         assert payload["details"][0]["loc"] == loc
     after = live_server.post("/predict", json=GOOD)
     assert after.status_code == 200 and after.json()["label"] == "setosa"
+
+
+@pytest.mark.parametrize("path", ["/predict/iris", "/predict", "/predict/batch"])
+def test_curl_d_with_its_form_type_is_read_as_json(live_server: LiveServer, path: str) -> None:
+    body = {"/predict/iris": ROW, "/predict": '{"model": "iris", "features": ' + ROW + "}",
+            "/predict/batch": '{"model": "iris", "instances": [' + ROW + "]}"}[path]
+    resp = live_server.post(path, data=body, headers=FORM)
+    assert resp.status_code == 200, resp.text
+
+
+def test_a_415_names_the_header_to_send(live_server: LiveServer) -> None:
+    resp = live_server.post("/predict/iris", data=ROW, headers={"Content-Type": "text/plain"})
+    assert resp.status_code == 415 and "Content-Type: application/json" in resp.json()["error"]
 
 
 def test_case_table_is_large_enough() -> None:

@@ -17,7 +17,7 @@ bp.before_request(require_api_key)
 @bp.post("/predict/ab")
 @bp.post("/predict/ab-test")
 def predict_ab() -> Response:
-    req = native.validate(ABRequest, read_json())
+    req = native.validate(ABRequest, read_json(form_ok=True))
     plane = state().dataplane
     outcome, exp, arm = plane.predict_ab(req.experiment, req.user_id, [req.features],
                                          ["features"])

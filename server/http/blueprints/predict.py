@@ -25,7 +25,7 @@ def _note(outcome: Outcome) -> None:
 @bp.post("/predict/<model>/versions/<version>")
 def predict(model: str | None = None, version: str | None = None) -> Response:
     g.model = model
-    payload = read_json()
+    payload = read_json(form_ok=True)
     if isinstance(payload, list) and model is not None:
         payload = {"features": payload}  # the source guides' clients send a bare list
     front = state().front
@@ -41,7 +41,7 @@ def predict(model: str | None = None, version: str | None = None) -> Response:
 @bp.post("/predict/batch")
 def batch() -> Response:
     front = state().front
-    payload = read_json()
+    payload = read_json(form_ok=True)
     front.check_rows(native.row_count(payload), ["instances"])
     lv = read_target(front, payload, None, None, "'model' in the body")
     req = native.validate(BatchRequest, payload, lv.feature_names)

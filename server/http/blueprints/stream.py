@@ -31,7 +31,7 @@ SPOOL_MEMORY = 1 << 20  # a CSV body beyond 1 MB is spooled to disk, not kept in
 def predict_stream() -> Response:
     st = state()
     front = st.front
-    payload = read_json()
+    payload = read_json(form_ok=True)
     front.check_rows(native.row_count(payload), ["instances"], st.settings.stream_max_rows)
     lv = read_target(front, payload, None, None, "'model' in the body")
     req = native.validate(BatchRequest, payload, lv.feature_names)

@@ -1,0 +1,64 @@
+"""The commands read the server's settings (MODEL_DIR), and say in one line what to install
+when an optional package is missing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+# Runs a module as ``python -m`` would, with the named top-level packages made unimportable.
+WITHOUT = """
+import runpy, sys
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {names!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Blocked())
+sys.argv = [{module!r}, *{argv!r}]
+runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+"""
+
+
+def run(argv: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run([sys.executable, *argv], cwd=cwd, env=full, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_model_dir_alone_is_enough_for_score_and_demo(tmp_path: Path) -> None:
+    repo = tmp_path / "srv-models"
+    made = run(["-m", "server.demo"], tmp_path, MODEL_DIR=str(repo))
+    assert made.returncode == 0, made.stderr
+    assert (repo / "iris" / "2" / "model.joblib").exists()
+    (tmp_path / "in.csv").write_text("sepal_length,sepal_width,petal_length,petal_width\n"
+                                     "5.1,3.5,1.4,0.2\n")
+    scored = run(["-m", "server.score", "iris:2", "in.csv", "out.csv"], tmp_path,
+                 MODEL_DIR=str(repo))
+    assert scored.returncode == 0, scored.stderr
+    assert (tmp_path / "out.csv").read_text().splitlines()[1].startswith("5.1,3.5,1.4,0.2,0,")
+    # the flag still wins over the environment
+    flagged = run(["-m", "server.score", "iris:2", "in.csv", "out2.csv", "--model-dir",
+                   str(tmp_path / "elsewhere")], tmp_path, MODEL_DIR=str(repo))
+    assert flagged.returncode == 2 and "elsewhere" in flagged.stderr
+
+
+def test_score_without_its_extras_prints_the_install_line(tmp_path: Path) -> None:
+    for argv in (["--help"], ["iris", "in.csv", "out.csv"]):
+        code = WITHOUT.format(names={"pandas", "pyarrow"}, module="server.score", argv=argv)
+        done = run(["-c", code], tmp_path)
+        assert done.returncode == 2
+        assert "Traceback" not in done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "pip install -r requirements-score.txt" in lines[0]
+
+
+def test_dask_without_distributed_prints_the_install_line(tmp_path: Path) -> None:
+    code = WITHOUT.format(names={"distributed"}, module="server.score",
+                          argv=["iris", "in.csv", "out.csv", "--dask", "local"])
+    done = run(["-c", code], tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "requirements-score.txt" in done.stderr
