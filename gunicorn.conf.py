@@ -38,7 +38,7 @@ def _cores():
 # than cores only add memory (~160 MB each) and context switches, fewer leave cores idle.
 workers = int(os.environ.get("WORKERS") or _cores())
 # gevent: one greenlet per connection, so SSE streams and WebSockets don't pin a process.
-# server/worker.py is gunicorn's gevent worker plus a client socket timeout (below), a real
+# server/runtime/worker.py is gunicorn's gevent worker plus a client socket timeout (below), a real
 # "Connection: close" while draining, and listeners handed from old to new workers on SIGHUP.
 worker_class = "server.runtime.worker.GeventWorker"
 # Most simultaneous connections per worker.
@@ -137,7 +137,7 @@ def _replaced_by_reload(age):
 
 def post_worker_init(worker):
     """On SIGTERM: when a SIGHUP replaced this worker, serve on until a new worker has taken
-    over its listeners (server/worker.py; a second SIGTERM cuts that short); then drain
+    over its listeners (server/runtime/worker.py; a second SIGTERM cuts that short); then drain
     (/ready 503, connections closed after each answer); then let gunicorn stop accepting and
     finish what is in flight within graceful_timeout."""
     import gc

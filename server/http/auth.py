@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 
 from flask import Flask, request
 
 from server.config import Settings
 from server.errors import ApiError
 from server.http.context import state
-
-log = logging.getLogger("server.access")
 
 
 def _presented_token(*headers: str) -> str:

@@ -3,6 +3,7 @@ validation, and the model a request names."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -113,10 +114,12 @@ def read_json(form_ok: bool = False) -> Any:
     """The request body parsed as JSON (NaN and Infinity parse so they can be refused as 422).
 
     With ``form_ok`` (the prediction endpoints), a JSON body sent with curl's default form
-    type is read as JSON, as TF Serving does: a pasted ``curl -d '{...}'`` works. Admin and
-    outcome endpoints stay strict, so that a cross-site HTML form cannot post to them."""
+    type is read as JSON, as TF Serving does: a pasted ``curl -d '{...}'`` works. Not when a
+    browser sent it (an Origin header): a cross-site page cannot use a form post to run
+    predictions. Admin and outcome endpoints are always strict."""
     mimetype = request.mimetype
-    as_form = form_ok and mimetype == FORM
+    # A browser names the page's origin on a cross-site post; curl sends no Origin.
+    as_form = form_ok and mimetype == FORM and "HTTP_ORIGIN" not in request.environ
     if mimetype and not as_form and mimetype != "application/json" \
             and not mimetype.endswith("+json"):
         raise ApiError(415, "unsupported_media_type",
@@ -128,11 +131,11 @@ def read_json(form_ok: bool = False) -> Any:
     return native.parse_json(body)
 
 
-def read_target(front: FrontDoor, payload: Any, path_model: str | None,
-                path_version: str | None, where: str) -> LoadedVersion:
-    """The version a request names: the path wins over the body, the body over
+def read_target(front: FrontDoor, path_model: str | None, body_model: str | None,
+                path_version: str | None, body_version: str | None,
+                where: str) -> LoadedVersion:
+    """The version a validated request names: the path wins over the body, the body over
     ``?version=``; ``where`` tells a client that named no model how to name one."""
-    body_model, body_version = native.named_target(payload)
     if path_model and body_model and body_model != path_model:
         raise validation_error(f"body names model '{body_model}' but the path '{path_model}'",
                                ["model"])
@@ -144,3 +147,21 @@ def read_target(front: FrontDoor, payload: Any, path_model: str | None,
     lv = front.resolve(name, version or None)
     g.version = lv.version
     return lv
+
+
+def row_features(front: FrontDoor, payload: Any, path_model: str | None = None,
+                 path_version: str | None = None) -> Callable[[], tuple[str, ...] | None]:
+    """The feature names of the version a body seems to name, looked up only when its
+    validation failed (so a row's bad value can name its feature); None when that version
+    cannot be found. A request's errors keep their order: the body first, then the target."""
+
+    def names() -> tuple[str, ...] | None:
+        try:
+            body_model, body_version = native.named_target(payload)
+            name = path_model or body_model or front.limits.default_model
+            version = path_version or body_version or request.args.get("version") or None
+            return front.resolve(name, version).feature_names if name else None
+        except ApiError:
+            return None
+
+    return names

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,8 +20,6 @@ from server.runtime.figures import WorkerFigures
 from server.serving.dataplane import DataPlane
 from server.serving.frontdoor import FrontDoor
 from server.serving.reloader import Reloader
-
-log = logging.getLogger("server.access")
 
 
 class ServerApp(Flask):
@@ -94,7 +91,6 @@ def new_request_id() -> str:
     return f"{prefix}{next(counter) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
-# Every byte that neither opens, closes nor quotes anything; dropped before counting depth.
 def counted(source: Iterator[str]) -> Iterator[str]:
     """Count a stream in this worker's figures: started now, then completed or cancelled
     (a client that went away closes the generator at its next write)."""

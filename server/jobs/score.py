@@ -21,13 +21,14 @@ code 2 when the input (or the model) cannot be used at all, else 0.
 loaded model is scattered once to every worker, and each worker writes the parts it scores
 (so with a remote scheduler, OUTPUT and INPUT must be on storage the workers share). Each
 worker reads its partition's CSV lines as a single process does, so both runs give the
-same bytes.
+same bytes (a quoted field holding a line break is not supported with --dask).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import logging
 import math
 import shutil
@@ -48,10 +49,17 @@ from server.errors import ApiError
 from server.jobs import missing_extras
 from server.jobs.parts import Job, Parts, prediction_type
 from server.model.loaded import LoadedVersion
-from server.model.predict import predict_matrix, value_reason, width_reason
+from server.model.predict import predict_matrix, value_reason
 from server.model.registry import ModelRegistry
 from server.model.repository import ModelRepository
-from server.protocols.csvrows import feature_positions, fit_to_header, output_columns
+from server.protocols.csvrows import (
+    ParsedRows,
+    feature_names,
+    feature_positions,
+    fit_to_header,
+    output_columns,
+    parse_rows,
+)
 
 log = logging.getLogger("server.score")
 
@@ -73,26 +81,18 @@ def file_format(path: Path) -> str:
 
 # --- Scoring one chunk (also what each Dask partition runs) ---------------------------------
 def score_frame(lv: LoadedVersion, frame: pd.DataFrame, positions: list[int],
-                rejected: list[str] | None = None) -> pd.DataFrame:
+                parsed: ParsedRows | None = None) -> pd.DataFrame:
     """``frame`` with the output columns appended; a row that cannot be scored keeps empty
-    predictions and its reason in ``error``. One model call for all good rows. ``rejected``
-    holds reasons already known (a CSV line whose field count is not the header's)."""
+    predictions and its reason in ``error``. One model call for all good rows. ``parsed``
+    holds CSV rows as ``csvrows.parse_rows`` read them (the frame then holds their fields as
+    text); without it (Parquet), the frame's feature columns are read here."""
     n = len(frame)
-    X = np.empty((n, len(positions)), dtype="<f8")
-    reasons = np.array(rejected, dtype=object) if rejected else np.full(n, "", dtype=object)
-    names = lv.feature_names or tuple(str(frame.columns[p]) for p in positions)
-    for j, pos in enumerate(positions):
-        column = frame.iloc[:, pos]
-        values = pd.to_numeric(column, errors="coerce").to_numpy(dtype="<f8", na_value=np.nan)
-        X[:, j] = values
-        bad = ~np.isfinite(values)
-        if bad.any():  # rare: a Python loop over the bad rows only
-            for i in np.flatnonzero(bad & (reasons == "")):
-                reasons[i] = value_reason(_raw(column.iat[i]), names[j])
-    ok = reasons == ""
+    if parsed is None:
+        parsed = frame_numbers(lv, frame, positions)
+    reasons = np.array(parsed.reasons, dtype=object)
+    good = np.asarray(parsed.good, dtype=np.intp)
     keys = [c for c in output_columns(lv) if c != "error"]
-    good = np.flatnonzero(ok)
-    results = _predict(lv, X[good], reasons, good) if len(good) else []
+    results = _predict(lv, parsed.X, reasons, good) if len(good) else []
     scored = frame.copy()
     for k in keys:
         answers = [None if r is None else r.get(k) for r in results]
@@ -107,6 +107,24 @@ def score_frame(lv: LoadedVersion, frame: pd.DataFrame, positions: list[int],
     return scored
 
 
+def frame_numbers(lv: LoadedVersion, frame: pd.DataFrame, positions: list[int]) -> ParsedRows:
+    """A typed frame's (Parquet's) feature columns as the model's matrix, bad rows named."""
+    n = len(frame)
+    X = np.empty((n, len(positions)), dtype="<f8")
+    reasons = np.full(n, "", dtype=object)
+    names = lv.feature_names or tuple(str(frame.columns[p]) for p in positions)
+    for j, pos in enumerate(positions):
+        column = frame.iloc[:, pos]
+        values = pd.to_numeric(column, errors="coerce").to_numpy(dtype="<f8", na_value=np.nan)
+        X[:, j] = values
+        bad = ~np.isfinite(values)
+        if bad.any():  # rare: a Python loop over the bad rows only
+            for i in np.flatnonzero(bad & (reasons == "")):
+                reasons[i] = value_reason(_raw(column.iat[i]), names[j])
+    good = np.flatnonzero(reasons == "")
+    return ParsedRows(X[good], good.tolist(), reasons.tolist())
+
+
 def score_partition_to_part(frame: pd.DataFrame, lv: LoadedVersion, positions: list[int],
                             parts: Parts, columns: list[str] | None = None,
                             partition_info: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -114,10 +132,11 @@ def score_partition_to_part(frame: pd.DataFrame, lv: LoadedVersion, positions: l
     (CSV input), the partition holds raw lines, read here as a single process reads them."""
     assert partition_info is not None  # dask passes it because the signature names it
     k = int(partition_info["number"])
-    rejected = None
+    parsed = None
     if columns is not None:
-        frame, rejected = rows_frame(list(csv.reader(frame["line"].tolist())), columns)
-    bad = parts.write(k, score_frame(lv, frame, positions, rejected))
+        lines = io.StringIO("\n".join(frame["line"].tolist()))
+        frame, parsed = rows_frame(list(csv.reader(lines)), columns, positions, lv)
+    bad = parts.write(k, score_frame(lv, frame, positions, parsed))
     return pd.DataFrame({"rows": [len(frame)], "bad": [bad]})
 
 
@@ -177,32 +196,37 @@ def open_source(path: Path) -> Source:
 
 def csv_lines(source: Source, chunk_rows: int) -> Any:
     """A CSV input as a Dask frame of raw lines (one ``line`` column, the header skipped),
-    each partition read by ``rows_frame`` on its worker: field counts are checked there as
-    in a single process. (Dask splits at newlines, as its own CSV reader does.)"""
+    each partition read by ``rows_frame`` on its worker: field counts and numbers are checked
+    there as in a single process, undecodable bytes replaced alike. Dask cuts partitions at
+    newlines, as its own CSV reader does: a quoted field holding a line break is not
+    supported with --dask."""
     import dask.dataframe as dd
 
     return dd.read_csv(source.path, blocksize=_blocksize(source.path, chunk_rows), sep="\x1f",
                        header=0, names=["line"], quoting=csv.QUOTE_NONE, dtype=str,
-                       keep_default_na=False, na_filter=False)
+                       keep_default_na=False, na_filter=False, skip_blank_lines=False,
+                       encoding="utf-8-sig", encoding_errors="replace")
 
 
-def rows_frame(rows: list[list[str]], columns: list[str]) -> tuple[pd.DataFrame, list[str] | None]:
-    """CSV rows as a frame of strings, and why each row is rejected when some are: a row
-    whose field count is not the header's keeps its place with the reason (``csvrows``)."""
+def rows_frame(rows: list[list[str]], columns: list[str], positions: list[int],
+               lv: LoadedVersion) -> tuple[pd.DataFrame, ParsedRows]:
+    """CSV rows as ``/predict/csv`` reads them (``csvrows.parse_rows``), and the frame of
+    their fields as text for the output: a rejected row keeps its place, fitted to the
+    header so that the output stays aligned."""
     rows = [r for r in rows if r]  # a blank line is no row
     width = len(columns)
-    reasons = [width_reason(width, len(r)) if len(r) != width else "" for r in rows]
+    parsed = parse_rows(rows, positions, width, feature_names(lv, columns, positions))
     fitted = [r if len(r) == width else fit_to_header(r, width) for r in rows]
-    return pd.DataFrame(fitted, columns=columns, dtype=str), (reasons if any(reasons) else None)
+    return pd.DataFrame(fitted, columns=columns, dtype=str), parsed
 
 
-Chunk = tuple[pd.DataFrame, list[str] | None, float]
+Chunk = tuple[pd.DataFrame, ParsedRows | None, float]
 
 
-def read_chunks(source: Source, chunk_rows: int) -> Iterator[Chunk]:
-    """(chunk, reasons already known per row or None, fraction of the input read so far).
-    CSV lines are read as the HTTP front door reads them (``csvrows``): a line whose field
-    count is not the header's is rejected with its reason, never truncated or padded."""
+def read_chunks(source: Source, chunk_rows: int, positions: list[int],
+                lv: LoadedVersion) -> Iterator[Chunk]:
+    """(chunk, its rows as read (CSV) or None (Parquet), fraction of the input read so far).
+    CSV rows are read as ``/predict/csv`` reads them (``rows_frame``)."""
     if source.fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -219,9 +243,9 @@ def read_chunks(source: Source, chunk_rows: int) -> Iterator[Chunk]:
         next(reader, None)  # the header, read by open_source
         compressed = not source.path.name.lower().endswith(".csv")
         while chunk := [row for _, row in zip(range(chunk_rows), reader)]:
-            frame, rejected = rows_frame(chunk, source.columns)
+            frame, parsed = rows_frame(chunk, source.columns, positions, lv)
             read = 0 if compressed else _bytes_read(raw)
-            yield frame, rejected, min(read / max(source.size, 1), 1.0)
+            yield frame, parsed, min(read / max(source.size, 1), 1.0)
 
 
 def _bytes_read(text: Any) -> int:
@@ -294,11 +318,12 @@ def run_single(lv: LoadedVersion, source: Source, parts: Parts, positions: list[
     progress = Progress(source.total_rows)
     k = -1
     try:
-        for k, (chunk, rejected, fraction) in enumerate(read_chunks(source, chunk_rows)):
+        for k, (chunk, parsed, fraction) in enumerate(read_chunks(source, chunk_rows,
+                                                                       positions, lv)):
             if parts.done(k):
                 progress.update(k, len(chunk), 0, fraction, skipped=True)
                 continue
-            bad = parts.write(k, score_frame(lv, chunk, positions, rejected))
+            bad = parts.write(k, score_frame(lv, chunk, positions, parsed))
             progress.update(k, len(chunk), bad, fraction, skipped=False)
     finally:
         progress.close()

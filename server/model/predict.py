@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,18 +26,29 @@ def width_reason(expected: int, got: int) -> str:
     return f"expected {expected} values, got {got}"
 
 
+# A number written as text: ASCII digits with an optional sign, point and exponent, or
+# nan/inf/infinity, spaces around allowed. Python's float() also takes "1_000" and digits of
+# other scripts, which JSON does not: neither does CSV here.
+NUMBER_RE = re.compile(r"\s*[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+                       r"|nan|inf(?:inity)?)\s*", re.IGNORECASE | re.ASCII)
+
+
+def parse_number(text: str) -> float | None:
+    """``text`` as a float when it is written as a number (see NUMBER_RE), else None."""
+    return float(text) if NUMBER_RE.fullmatch(text) else None
+
+
 def value_reason(raw: Any, feature: str) -> str:
     """Why one value is not a usable number (None, or a blank string, is missing)."""
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         return f"missing value for feature '{feature}'"
-    try:
-        if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
-            raise TypeError
+    value = None
+    if isinstance(raw, str):
+        value = parse_number(raw)
+    elif isinstance(raw, (int, float)) and not isinstance(raw, bool):
         value = float(raw)
-    except (TypeError, ValueError):
+    if value is None or math.isfinite(value):  # a finite number here was sent as a string
         return f"not a number for feature '{feature}': {str(raw)[:60]!r}"
-    if math.isfinite(value):
-        return f"not accepted for feature '{feature}': {str(raw)[:60]!r}"
     return f"NaN or infinity for feature '{feature}'"
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from server.errors import ApiError
 from server.model.loaded import LoadedVersion
-from server.model.predict import value_reason, width_reason
+from server.model.predict import parse_number, value_reason, width_reason
 
 CHUNK_ROWS = 1000
 
@@ -52,10 +52,11 @@ class ParsedRows:
 
 def parse_rows(rows: list[list[str]], positions: list[int], width: int,
                names: list[str]) -> ParsedRows:
-    """Every CSV front door's one reading of rows (``/predict/csv`` and ``python -m
-    server.score``): a row whose field count is not the header's ``width`` is rejected, never
-    truncated or padded; a value that is missing, not a number, NaN or infinite rejects its
-    row with the reason naming the feature. Numbers are parsed in one numpy pass."""
+    """Every CSV front door's one reading of rows (``/predict/csv``, and ``python -m
+    server.score`` in one process or on Dask): a row whose field count is not the header's
+    ``width`` is rejected, never truncated or padded; a value that is missing, not a number
+    (``NUMBER_RE``), NaN or infinite rejects its row with the reason naming the feature.
+    Numbers are parsed in one numpy pass."""
     reasons = [""] * len(rows)
     good: list[int] = []
     cells: list[list[str]] = []
@@ -66,15 +67,19 @@ def parse_rows(rows: list[list[str]], positions: list[int], width: int,
             good.append(i)
             cells.append([row[p] for p in positions])
     try:
+        # numpy parses as float() does, which also takes "1_000" and other scripts' digits:
+        # a chunk holding either goes the strict way below.
+        text = "".join(v for values in cells for v in values)
+        if "_" in text or not text.isascii():
+            raise ValueError(text)
         X = np.array(cells, dtype="<f8").reshape(len(cells), len(positions))
     except ValueError:  # some value is not a number: find which, row by row
         X = np.empty((len(cells), len(positions)), dtype="<f8")
         for j, values in enumerate(cells):
             for k, raw in enumerate(values):
-                try:
-                    X[j, k] = float(raw)
-                except ValueError:
-                    X[j, k] = math.nan
+                number = parse_number(raw)
+                X[j, k] = math.nan if number is None else number
+                if number is None:
                     reasons[good[j]] = reasons[good[j]] or value_reason(raw, names[k])
     finite = np.isfinite(X).all(axis=1)
     if not finite.all():

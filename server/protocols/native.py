@@ -7,6 +7,7 @@ the model, and so the feature names, are known.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pydantic_core
@@ -40,18 +41,23 @@ def require_object(payload: Any) -> dict[str, Any]:
     return payload
 
 
-def validate(schema: type[M], payload: Any, features: tuple[str, ...] | None = None) -> M:
-    """``payload`` as ``schema``, or a 422 naming every bad field. With the model's
-    ``features``, a row's bad value says which feature and why, as CSV rows do."""
+Features = Callable[[], tuple[str, ...] | None]
+
+
+def validate(schema: type[M], payload: Any, features: Features | None = None) -> M:
+    """``payload`` as ``schema``, or a 422 naming every bad field. ``features`` gives the
+    model's feature names, asked only on failure: a row's bad value then says which feature
+    and why, as CSV rows do."""
     require_object(payload)
     try:
         return schema.model_validate(payload)
     except ValidationError as exc:
         errors = exc.errors()
         details = error_details(errors)
-        if features:
+        names = features() if features is not None else None
+        if names:
             for detail, error in zip(details, errors):
-                feature = _feature_at(detail["loc"], features)
+                feature = _feature_at(detail["loc"], names)
                 if feature is not None and error["type"] in NUMBER_ERRORS:
                     detail["msg"] = value_reason(error.get("input"), feature)
         first = details[0]

@@ -75,6 +75,16 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     return InferRequest(None if rid is None else str(rid), inputs, outputs, params, binary)
 
 
+def declared_rows(req: InferRequest) -> int:
+    """The rows the request's shapes announce, before any tensor is decoded: the first
+    dimension of a 2-D input or of one-input-per-feature columns (0 when unknown; a single
+    1-D input may be one row, and is counted once decoded)."""
+    shape = req.inputs[0].get("shape")
+    if not isinstance(shape, list) or not shape or not isinstance(shape[0], int):
+        return 0
+    return shape[0] if len(shape) >= 2 or len(req.inputs) > 1 else 0
+
+
 def _shape(tensor: dict[str, Any]) -> list[int]:
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not shape or not all(

@@ -1,7 +1,8 @@
-"""The one front-door core. Every protocol (native JSON, TF Serving, Open Inference, SSE,
-CSV, WebSocket, offline scoring) resolves its target, turns rows into a matrix, applies the
-row limits, calls the data plane and decides readiness here; a protocol keeps only its codec
-and the function that renders an ``ApiError`` in its own error shape.
+"""The one front-door core. Every protocol served over HTTP (native JSON, TF Serving, Open
+Inference, SSE, CSV, WebSocket) resolves its target, applies the row limits, calls the data
+plane and decides readiness here; a protocol keeps only its codec and the function that
+renders an ``ApiError`` in its own error shape. JSON rows become a matrix here too; CSV rows
+(over HTTP and in offline scoring) are read by ``protocols.csvrows.parse_rows``.
 
 Transport-free: no Flask, no sockets. The HTTP layer reaches it as ``state().front``.
 """
@@ -76,7 +77,7 @@ class FrontDoor:
 
     # -- rows --------------------------------------------------------------------------------
     def check_rows(self, n: int, loc: list[Any], limit: int | None = None) -> None:
-        """413 beyond ``limit`` rows (MAX_BATCH by default), before anything is parsed."""
+        """413 beyond ``limit`` rows (MAX_BATCH by default), before the rows are read."""
         limit = self.limits.max_batch if limit is None else limit
         if n > limit:
             raise too_many_rows(n, limit, loc)

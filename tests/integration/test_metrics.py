@@ -50,7 +50,10 @@ def test_metrics_are_summed_over_workers(server_factory: Callable[..., LiveServe
                   status="422") == 1
     hits = sample(text, "prediction_cache_lookups_total", result="hit")
     misses = sample(text, "prediction_cache_lookups_total", result="miss")
-    assert hits + misses == 50 and hits >= 30  # 4 distinct rows, two per-worker caches
+    # 4 distinct rows, two per-worker caches: every lookup is counted once, in either
+    # worker. How many hit depends on timing (concurrent requests for one row, gathered in
+    # one micro-batch, all miss), never on the sum; the batch's 10 equal rows all miss.
+    assert hits + misses == 50 and hits > 0 and misses >= 10
     assert sample(text, "model_load_failures_total", model="iris") == 2  # once per worker
     assert sample(text, "batch_rows_count") == 41
     assert sample(text, "http_request_duration_seconds_count", route="/predict/batch") == 1

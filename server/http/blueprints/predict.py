@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, g
 
 from server.http.auth import require_api_key
-from server.http.body import read_json, read_target
+from server.http.body import read_json, read_target, row_features
 from server.http.context import json_response, request_id, state
 from server.protocols import native
 from server.schemas import BatchRequest, PredictRequest
@@ -29,9 +29,9 @@ def predict(model: str | None = None, version: str | None = None) -> Response:
     if isinstance(payload, list) and model is not None:
         payload = {"features": payload}  # the source guides' clients send a bare list
     front = state().front
-    lv = read_target(front, payload, model, version,
+    req = native.validate(PredictRequest, payload, row_features(front, payload, model, version))
+    lv = read_target(front, model, req.model, version, req.version,
                      "'model' in the body or /predict/<model>")
-    req = native.validate(PredictRequest, payload, lv.feature_names)
     outcome = front.predict(lv, front.matrix(lv, [req.features], ["features"]), ["features"])
     _note(outcome)
     return json_response(native.predict_answer(outcome, request_id()),
@@ -43,8 +43,8 @@ def batch() -> Response:
     front = state().front
     payload = read_json(form_ok=True)
     front.check_rows(native.row_count(payload), ["instances"])
-    lv = read_target(front, payload, None, None, "'model' in the body")
-    req = native.validate(BatchRequest, payload, lv.feature_names)
+    req = native.validate(BatchRequest, payload, row_features(front, payload))
+    lv = read_target(front, None, req.model, None, req.version, "'model' in the body")
     outcome = front.predict(lv, front.matrix(lv, req.instances, ["instances"]), ["instances"])
     _note(outcome)
     return json_response(native.batch_answer(outcome, request_id()))

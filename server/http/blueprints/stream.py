@@ -13,7 +13,7 @@ from flask import Blueprint, Response, g, request
 
 from server.errors import ApiError
 from server.http.auth import require_api_key
-from server.http.body import read_json, read_target
+from server.http.body import read_json, read_target, row_features
 from server.http.context import counted, sse_response, state
 from server.protocols import native, sse
 from server.protocols.csvrows import feature_positions, open_csv, score_csv
@@ -32,11 +32,11 @@ def predict_stream() -> Response:
     st = state()
     front = st.front
     payload = read_json(form_ok=True)
-    front.check_rows(native.row_count(payload), ["instances"], st.settings.stream_max_rows)
-    lv = read_target(front, payload, None, None, "'model' in the body")
-    req = native.validate(BatchRequest, payload, lv.feature_names)
+    front.check_rows(native.row_count(payload), ["instances"], front.limits.stream_max_rows)
+    req = native.validate(BatchRequest, payload, row_features(front, payload))
+    lv = read_target(front, None, req.model, None, req.version, "'model' in the body")
     # Everything that can be wrong with the whole body is answered before the stream starts.
-    X = front.matrix(lv, req.instances, ["instances"], st.settings.stream_max_rows)
+    X = front.matrix(lv, req.instances, ["instances"], front.limits.stream_max_rows)
     return sse_response(sse.prediction_events(
         lambda part: front.predict(lv, part, ["instances"]).results,
         X, st.settings.stream_chunk_rows, lambda n: st.figures.stream("rows", n),

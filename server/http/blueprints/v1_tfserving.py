@@ -18,8 +18,6 @@ because TF Serving does and ``curl -d`` sends a form type.
 
 from __future__ import annotations
 
-import logging
-
 from flask import Blueprint, Response, g, request
 
 from server.errors import ApiError
@@ -27,8 +25,6 @@ from server.http.app import error_handlers
 from server.http.auth import require_api_key
 from server.http.context import json_response, state
 from server.protocols import tfserving as tf
-
-log = logging.getLogger(__name__)
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 

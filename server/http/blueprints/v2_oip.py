@@ -56,7 +56,9 @@ def model_metadata(model: str, version: str | None = None) -> Response:
 @bp.get("/models/<model>/versions/<version>/ready")
 def model_ready(model: str, version: str | None = None) -> Response:
     lv = _resolve(model, version)
-    return json_response({"name": lv.name, "version": lv.version, "ready": True})
+    ready = not state().front.draining  # a stopping instance takes no new work
+    return json_response({"name": lv.name, "version": lv.version, "ready": ready},
+                         200 if ready else 503)
 
 
 @bp.post("/models/<model>/infer")
@@ -67,6 +69,7 @@ def infer(model: str, version: str | None = None) -> Response:
     # Clients of the binary extension may send no (or any) Content-Type: read the bytes.
     req = oip.parse_request(request.get_data(cache=False),
                             request.headers.get("Inference-Header-Content-Length"))
+    front.check_rows(oip.declared_rows(req), ["inputs"])  # before decoding the tensors
     X = oip.to_matrix(lv, req)
     front.check_rows(len(X), ["inputs"])
     outcome = front.predict(lv, X, ["inputs"])

@@ -11,7 +11,7 @@ from simple_websocket import ConnectionClosed
 
 from server.errors import ApiError
 from server.http.auth import require_api_key
-from server.http.body import refuse_deep_json
+from server.http.body import refuse_deep_json, row_features
 from server.http.context import state
 from server.protocols import native
 from server.runtime import figures
@@ -34,9 +34,8 @@ def _answer(message: Any) -> dict[str, Any]:
         if isinstance(payload, dict):
             msg_id = payload.pop("id", None)
         front = state().front
-        model, version = native.named_target(payload)
-        lv = front.resolve(front.model_name(model, "'model' in the message"), version)
-        req = native.validate(PredictRequest, payload, lv.feature_names)
+        req = native.validate(PredictRequest, payload, row_features(front, payload))
+        lv = front.resolve(front.model_name(req.model, "'model' in the message"), req.version)
         X = front.matrix(lv, [req.features], ["features"])
         body = native.predict_answer(front.predict(lv, X, ["features"]))
     except ApiError as err:

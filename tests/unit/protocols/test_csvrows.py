@@ -26,6 +26,10 @@ NAMES = ["a", "b", "c"]
     (["1", "2", "nan"], "NaN or infinity for feature 'c'"),
     (["1", "-inf", "3"], "NaN or infinity for feature 'b'"),
     (["1", "1e999", "3"], "NaN or infinity for feature 'b'"),
+    # float() takes these, JSON does not: neither do CSV rows
+    (["1_000", "2", "3"], "not a number for feature 'a': '1_000'"),
+    (["1", "\u0665", "3"], "not a number for feature 'b': '\u0665'"),
+    (["1", "0x1f", "3"], "not a number for feature 'b': '0x1f'"),
 ])
 def test_each_row_is_scored_or_rejected_with_its_reason(row: list[str], reason: str) -> None:
     good = ["0.5", "1.5", "2.5"]
@@ -59,6 +63,7 @@ def test_a_rejected_row_is_fitted_to_the_header_for_the_output() -> None:
     ("abc", "not a number for feature 'f': 'abc'"), (True, "not a number for feature 'f': 'True'"),
     ([1], "not a number for feature 'f': '[1]'"), (math.nan, "NaN or infinity for feature 'f'"),
     ("inf", "NaN or infinity for feature 'f'"),
+    ("5.1", "not a number for feature 'f': '5.1'"),  # a JSON string is not a number
 ])
 def test_value_reasons_are_one_wording(raw: Any, reason: str) -> None:
     assert value_reason(raw, "f") == reason

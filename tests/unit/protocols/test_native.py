@@ -24,7 +24,7 @@ FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
 def test_a_bad_row_value_names_its_feature(payload: dict[str, Any], loc: list[Any],
                                            msg: str) -> None:
     with pytest.raises(ApiError) as err:
-        native.validate(BatchRequest, payload, FEATURES)
+        native.validate(BatchRequest, payload, lambda: FEATURES)
     assert err.value.status == 422
     assert err.value.details is not None and err.value.details[0] == {"loc": loc, "msg": msg}
 
