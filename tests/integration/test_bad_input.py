@@ -144,6 +144,13 @@ def test_curl_d_with_its_form_type_is_read_as_json(live_server: LiveServer, path
     assert resp.status_code == 200, resp.text
 
 
+def test_a_browser_form_post_is_not_read_as_json(live_server: LiveServer) -> None:
+    # a cross-site page can post a form without a preflight; browsers name its origin
+    resp = live_server.post("/predict/iris", data=ROW,
+                            headers={**FORM, "Origin": "https://elsewhere.example"})
+    assert resp.status_code == 415
+
+
 def test_a_415_names_the_header_to_send(live_server: LiveServer) -> None:
     resp = live_server.post("/predict/iris", data=ROW, headers={"Content-Type": "text/plain"})
     assert resp.status_code == 415 and "Content-Type: application/json" in resp.json()["error"]

@@ -209,6 +209,8 @@ def test_draining_is_not_ready_at_every_door(demo_repo: Path,
     assert ready.status_code == 503 and ready.json()["status"] == "not_ready"
     v2 = server.fresh("GET", "/v2/health/ready")
     assert (v2.status_code, v2.json()) == (503, {"ready": False})
+    model_ready = server.fresh("GET", "/v2/models/iris/ready")
+    assert model_ready.status_code == 503 and model_ready.json()["ready"] is False
     stream = server.fresh("POST", "/predict/stream",
                           json={"model": "iris", "instances": [GOOD]})
     assert stream.status_code == 503 and stream.json()["code"] == "draining"
