@@ -222,3 +222,11 @@ def test_draining_is_not_ready_at_every_door(demo_repo: Path,
     # a one-shot prediction in the drain window is still answered: no request is lost
     answer = server.fresh("POST", "/predict/iris", json={"features": GOOD})
     assert answer.status_code == 200 and answer.json()["label"] == "setosa"
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_each_worker_runs_with_blas_threads(demo_repo: Path, threads: str,
+                                            server_factory: Callable[..., LiveServer]) -> None:
+    server = server_factory(demo_repo, WORKERS="1", BLAS_THREADS=threads,
+                            MODEL_POLL_SECONDS="0")
+    assert server.get("/status").json()["blas_threads"] == int(threads)
