@@ -50,7 +50,8 @@ class Settings(BaseSettings):
         "worker serves its other requests between chunks)."
     )
     max_streams: int = Field(
-        500, ge=1, description="Most open SSE streams per worker (503 + Retry-After beyond)."
+        500, ge=1,
+        description="Most open SSE and CSV streams per worker (503 + Retry-After beyond)."
     )
     heartbeat_seconds: float = Field(5.0, gt=0, description="SSE ': ping' interval while idle.")
     rate_limit: str = Field(
@@ -60,7 +61,9 @@ class Settings(BaseSettings):
     cors_origins: str = Field(
         "", description="Comma list of origins allowed by CORS ('*' for any); empty = CORS off."
     )
-    metrics_key: str = Field("", description="When set, GET /metrics needs it as X-API-Key.")
+    metrics_key: str = Field(
+        "", description="When set, GET /metrics needs it as X-API-Key or a Bearer token."
+    )
     api_keys: str = Field("", description="Comma list of API keys; empty = model endpoints open.")
     admin_token: str = Field("", description="Admin bearer token; empty = admin endpoints 403.")
     default_model: str = Field("", description="Model used by POST /predict when none is named.")
@@ -68,7 +71,8 @@ class Settings(BaseSettings):
         2.0, ge=0, description="Seconds between repository scans; 0 turns the poll off."
     )
     runtime_dir: str = Field(
-        "", description="Directory shared by the workers of one server (reload signal)."
+        "", description="Directory shared by the workers of one server: reload signal, events, "
+        "live figures, Prometheus files (gunicorn.conf.py makes one when unset)."
     )
     log_level: str = Field("INFO", description="Python log level name.")
     # The deepest legitimate body is 5 levels (the Open Inference envelope around a 2-D

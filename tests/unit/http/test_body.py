@@ -84,7 +84,7 @@ def test_scan_agrees_with_a_parse(value: Any) -> None:
 
 
 def test_scan_costs_a_small_part_of_a_parse() -> None:
-    """The figure the README quotes: a 64 KB batch body, scan against parse (same run)."""
+    """The figure docs/operations.md quotes: a 64 KB batch body, scan against parse (same run)."""
     body = orjson.dumps({"model": "iris", "instances": [ROW] * 3640})
     assert 60_000 < len(body) < 70_000
 
