@@ -17,3 +17,13 @@ class SlowLogistic(LogisticRegression):
         while time.perf_counter() < end:
             pass
         return super().predict_proba(X)  # type: ignore[no-any-return]
+
+
+class HungryLogistic(LogisticRegression):
+    """Runs out of memory on any row whose first feature is over 1000 (a stand-in for a
+    model call whose arrays do not fit); answers like LogisticRegression otherwise."""
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        if (np.asarray(X)[:, 0] > 1000).any():
+            raise MemoryError
+        return super().predict_proba(X)  # type: ignore[no-any-return]

@@ -51,6 +51,7 @@ def error_handlers(scope: Flask | Blueprint, shape: ErrorShape) -> None:
     Open Inference blueprints their own."""
 
     def render(err: ApiError) -> Response:
+        prometheus.child(prometheus.ERRORS, err.code).inc()
         status, body = shape(err, request_id())
         return json_response(body, status, err.headers)
 
@@ -102,6 +103,10 @@ def install(app: Flask) -> None:
             response.headers["Connection"] = "close"  # let keep-alive clients move on
         now = time.perf_counter()
         latency = (now - ctx.get("t0", now)) * 1000
+        model_seconds = ctx.get("model_seconds")
+        response.headers["Server-Timing"] = (
+            f"total;dur={latency:.3f}" if model_seconds is None
+            else f"model;dur={model_seconds * 1000:.3f}, total;dur={latency:.3f}")
         status = response.status_code
         served.figures.observe(latency, status)
         rule = req.url_rule.rule if req.url_rule is not None else None

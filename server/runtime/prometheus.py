@@ -125,6 +125,11 @@ BATCH_ROWS = Histogram("batch_rows", "Rows per prediction call.",
                        buckets=(1, 2, 5, 10, 50, 100, 250, 500, 1000, 5000, 20000, 100000))
 MICRO_BATCH_ROWS = Histogram("micro_batch_rows", "One-row requests per micro-batched model call.",
                              buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+ERRORS = Counter("http_errors_total", "Error answers by the machine code of their body.",
+                 ["code"])
+MODEL_TIME = Histogram("prediction_duration_seconds", "Model time of one prediction call.",
+                       ["model", "version"], buckets=(.0001, .00025, .0005, .001, .0025, .005,
+                                                      .01, .025, .05, .1, .25, .5, 1, 2.5, 10))
 LOAD_FAILURES = Counter("model_load_failures_total", "Model versions that failed to load.",
                         ["model"])
 CONTENT_TYPE = CONTENT_TYPE_LATEST

@@ -33,9 +33,10 @@ class Outcome:
     produced is derived on first use."""
 
     def __init__(self, model: LoadedVersion, cached: int,
-                 answers: Columns | list[dict[str, Any]]) -> None:
+                 answers: Columns | list[dict[str, Any]], model_seconds: float = 0.0) -> None:
         self.model = model
         self.cached = cached
+        self.model_seconds = model_seconds  # in the model call (0 when every row was cached)
         self._columns = answers if isinstance(answers, Columns) else None
         self._results = None if isinstance(answers, Columns) else answers
 
@@ -81,10 +82,11 @@ class DataPlane:
     def predict_resolved(self, lv: LoadedVersion, X: np.ndarray, loc: list[Any]) -> Outcome:
         """Predict the rows of a matrix already built for ``lv`` (through the cache)."""
         if not self.cache.enabled:
-            outcome = Outcome(lv, 0, self._call(lv, X, loc))
+            answers, seconds = self._call(lv, X, loc)
+            outcome = Outcome(lv, 0, answers, seconds)
         else:
-            results, cached = self._through_cache(lv, X, loc)
-            outcome = Outcome(lv, cached, results)
+            results, cached, seconds = self._through_cache(lv, X, loc)
+            outcome = Outcome(lv, cached, results, seconds)
         count = len(outcome)
         cached = outcome.cached
         prometheus.child(prometheus.PREDICTIONS, lv.name, lv.version).inc(count)
@@ -100,33 +102,47 @@ class DataPlane:
 
     def _through_cache(
         self, lv: LoadedVersion, X: np.ndarray, loc: list[Any]
-    ) -> tuple[list[dict[str, Any]], int]:
+    ) -> tuple[list[dict[str, Any]], int, float]:
         keys = row_keys(lv.name, lv.version, X)
         found = [_decode(v) for v in self.cache.get_many(keys)]
         missing = [i for i, r in enumerate(found) if r is None]
         if not missing:
-            return found, len(found)  # type: ignore[return-value]
-        fresh = _rows(self._call(lv, X if len(missing) == len(X) else X[missing], loc))
+            return found, len(found), 0.0  # type: ignore[return-value]
+        answers, seconds = self._call(lv, X if len(missing) == len(X) else X[missing], loc)
+        fresh = _rows(answers)
         for i, result in zip(missing, fresh):
             found[i] = result
         # A value that failed to decode counts as a miss and is overwritten here.
         self.cache.set_many({keys[i]: orjson.dumps(r) for i, r in zip(missing, fresh)})
-        return found, len(found) - len(missing)  # type: ignore[return-value]
+        return found, len(found) - len(missing), seconds  # type: ignore[return-value]
 
     def _call(self, lv: LoadedVersion, X: np.ndarray,
-              loc: list[Any]) -> Columns | list[dict[str, Any]]:
-        """The model's answers for ``X``: columns from one call (or chunked calls), or the
-        rows a micro-batch handed back."""
+              loc: list[Any]) -> tuple[Columns | list[dict[str, Any]], float]:
+        """The model's answers for ``X`` (columns from one call or chunked calls, or the rows
+        a micro-batch handed back) and the seconds they took, also observed per version in
+        ``prediction_duration_seconds``."""
+        started = time.perf_counter()
         try:
             if self.batcher is not None and len(X) == 1 and lv.microbatch != "off":
-                return self.batcher.submit(lv, X)
-            if len(X) <= self.chunk_rows:
-                return predict_columns(lv, X)
-            return self._chunked(lv, X)
+                answers: Columns | list[dict[str, Any]] = self.batcher.submit(lv, X)
+            elif len(X) <= self.chunk_rows:
+                answers = predict_columns(lv, X)
+            else:
+                answers = self._chunked(lv, X)
         except (ValueError, TypeError) as exc:
             # The model refused rows that passed our checks (e.g. a range it rejects).
             raise ApiError(422, "model_rejected_input", f"model rejected the input: {exc}",
                            [{"loc": list(loc), "msg": str(exc)[:300]}]) from exc
+        except MemoryError as exc:
+            # The call's arrays did not fit; they are garbage now and the worker serves on.
+            log.warning("model call ran out of memory",
+                        extra={"model": lv.name, "version": lv.version, "rows": len(X)})
+            raise ApiError(503, "insufficient_memory",
+                           f"not enough memory to predict {len(X)} rows now; retry, or send "
+                           "fewer rows", headers={"Retry-After": "1"}) from exc
+        seconds = time.perf_counter() - started
+        prometheus.child(prometheus.MODEL_TIME, lv.name, lv.version).observe(seconds)
+        return answers, seconds
 
     def _chunked(self, lv: LoadedVersion, X: np.ndarray) -> Columns:
         """Predict a big matrix in chunks, letting the worker's other requests run between

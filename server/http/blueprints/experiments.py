@@ -23,6 +23,7 @@ def predict_ab() -> Response:
                                          ["features"])
     g.model, g.version = exp.model, outcome.model.version
     g.cache = "HIT" if outcome.cached else "MISS"
+    g.model_seconds = outcome.model_seconds
     body = native.predict_answer(outcome, request_id(), experiment=exp.name, arm=arm.name)
     response = json_response(body, headers={"X-Cache": g.cache})
     if exp.shadow is not None:

@@ -18,6 +18,7 @@ bp.before_request(require_api_key)
 def _note(outcome: Outcome) -> None:
     g.version = outcome.model.version
     g.cache = "HIT" if outcome.cached else "MISS"
+    g.model_seconds = outcome.model_seconds
 
 
 @bp.post("/predict")

@@ -66,4 +66,5 @@ def v1_models(rest: str) -> Response:
         answer = (tf.classify_answer(outcome.results) if target.verb == "classify"
                   else tf.regress_answer(outcome.results))
     g.cache = "HIT" if outcome.cached else "MISS"
+    g.model_seconds = outcome.model_seconds
     return json_response(answer, headers={"X-Cache": g.cache})

@@ -74,6 +74,7 @@ def infer(model: str, version: str | None = None) -> Response:
     front.check_rows(len(X), ["inputs"])
     outcome = front.predict(lv, X, ["inputs"])
     g.cache = f"{outcome.cached}/{len(outcome.results)}"
+    g.model_seconds = outcome.model_seconds
     body, header_length = oip.encode_response(lv, req, outcome.results)
     if header_length is None:
         return Response(body, mimetype="application/json")
