@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 
 LIST_TAG = "[list]"
 OBJECT_TAG = "[object]"
@@ -43,24 +43,6 @@ Version = Annotated[Optional[str],
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-class PredictRequest(BaseModel):
-    """One row: ``features`` in the model's feature order, or keyed by feature name."""
-
-    model_config = _STRICT
-    model: str | None = Field(None, description="Model name (or the path's).")
-    version: Version = Field(None, description="Version number, label or 'latest'.")
-    features: Row
-
-
-class BatchRequest(BaseModel):
-    """Up to MAX_BATCH rows predicted with one model call."""
-
-    model_config = _STRICT
-    model: str | None = None
-    version: Version = None
-    instances: list[Row] = Field(min_length=1)
-
-
 def _user_id(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
@@ -71,6 +53,35 @@ def _user_id(value: Any) -> Any:
 
 UserId = Annotated[str, BeforeValidator(_user_id, json_schema_input_type=Union[str, int]),
                    Field(max_length=256)]
+# A client's own id for the request (seed 004's clients send one): echoed as the request id.
+RequestId = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]
+# ``model_version`` is the guides' name for ``version`` (seed 000's clients send it).
+VERSION_NAMES = AliasChoices("version", "model_version")
+
+
+class PredictRequest(BaseModel):
+    """One row: ``features`` in the model's feature order, or keyed by feature name."""
+
+    model_config = _STRICT
+    model: str | None = Field(None, description="Model name (or the path's).")
+    version: Version = Field(None, validation_alias=VERSION_NAMES,
+                             description="Version number, label or 'latest' (alias "
+                             "model_version).")
+    features: Row
+    request_id: Optional[RequestId] = Field(None, description="Used as the request's id.")
+    user_id: Optional[UserId] = Field(
+        None, description="Routes the row through the one active experiment that targets "
+        "the model (when no version is named), as /predict/ab does.")
+
+
+class BatchRequest(BaseModel):
+    """Up to MAX_BATCH rows predicted with one model call."""
+
+    model_config = _STRICT
+    model: str | None = None
+    version: Version = Field(None, validation_alias=VERSION_NAMES)
+    instances: list[Row] = Field(min_length=1)
+    request_id: Optional[RequestId] = None
 
 
 class ABRequest(BaseModel):
@@ -80,6 +91,7 @@ class ABRequest(BaseModel):
     experiment: str = Field(min_length=1)
     user_id: UserId
     features: Row
+    request_id: Optional[RequestId] = None
 
 
 class OutcomeRequest(BaseModel):

@@ -143,10 +143,16 @@ def read_target(front: FrontDoor, path_model: str | None, body_model: str | None
     g.model = name
     version = path_version or body_version
     if not version and request.query_string:  # parse the query only when there is one
-        version = request.args.get("version")
+        version = query_version()
     lv = front.resolve(name, version or None)
     g.version = lv.version
     return lv
+
+
+def query_version() -> str | None:
+    """``?version=`` or the guides' ``?model_version=``."""
+    args = request.args
+    return args.get("version") or args.get("model_version")
 
 
 def row_features(front: FrontDoor, payload: Any, path_model: str | None = None,
@@ -159,7 +165,7 @@ def row_features(front: FrontDoor, payload: Any, path_model: str | None = None,
         try:
             body_model, body_version = native.named_target(payload)
             name = path_model or body_model or front.limits.default_model
-            version = path_version or body_version or request.args.get("version") or None
+            version = path_version or body_version or query_version() or None
             return front.resolve(name, version).feature_names if name else None
         except ApiError:
             return None

@@ -69,6 +69,13 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
                     content_type="application/json")
 
 
+def adopt_request_id(sent: str | None) -> None:
+    """A body's own ``request_id`` (validated) becomes the request's id: in the answer, the
+    X-Request-ID header and the access line."""
+    if sent:
+        g.request_id = sent
+
+
 def request_id() -> str:
     return g.get("request_id", "")
 

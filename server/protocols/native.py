@@ -79,7 +79,8 @@ def named_target(payload: Any) -> tuple[str | None, str | None]:
     """``model`` and ``version`` of a body (an object) before it is validated, when they are
     strings or (the version) an integer; whatever else is there is refused by validation."""
     require_object(payload)
-    model, version = payload.get("model"), payload.get("version")
+    model = payload.get("model")
+    version = payload.get("version", payload.get("model_version"))
     if isinstance(version, int) and not isinstance(version, bool):
         version = str(version)
     return (model if isinstance(model, str) else None,

@@ -286,6 +286,18 @@ class Experiments:
             raise not_found("experiment", f"unknown experiment '{name}'")
         return exp
 
+    def targeting(self, model: str) -> Experiment | None:
+        """The one valid experiment that targets ``model`` (None when there is none); 422
+        when several do, since a user could then land in either."""
+        found = [e for e in self.items.values() if e.model == model and e.error is None]
+        if len(found) > 1:
+            names = ", ".join(sorted(e.name for e in found))
+            raise ApiError(422, "ambiguous_experiment",
+                           f"experiments {names} all target model '{model}': "
+                           "use /predict/ab with one of them", [{"loc": ["user_id"],
+                                                               "msg": "ambiguous"}])
+        return found[0] if found else None
+
     def serving(self, name: str) -> Experiment:
         exp = self.get(name)
         if exp.error:

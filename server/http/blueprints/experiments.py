@@ -6,7 +6,8 @@ from flask import Blueprint, Response, g
 
 from server.http.auth import require_api_key
 from server.http.body import read_json
-from server.http.context import json_response, request_id, state
+from server.http.context import adopt_request_id, json_response, request_id, state
+from server.model.predict import RowInput
 from server.protocols import native
 from server.schemas import ABRequest, OutcomeRequest
 
@@ -18,9 +19,15 @@ bp.before_request(require_api_key)
 @bp.post("/predict/ab-test")
 def predict_ab() -> Response:
     req = native.validate(ABRequest, read_json(form_ok=True))
+    adopt_request_id(req.request_id)
+    return through_experiment(req.experiment, req.user_id, req.features)
+
+
+def through_experiment(experiment: str, user_id: str, features: RowInput) -> Response:
+    """One row predicted with the arm ``user_id`` lands in (/predict/ab, and /predict with a
+    ``user_id``), the answer naming the experiment and the arm."""
     plane = state().dataplane
-    outcome, exp, arm = plane.predict_ab(req.experiment, req.user_id, [req.features],
-                                         ["features"])
+    outcome, exp, arm = plane.predict_ab(experiment, user_id, [features], ["features"])
     g.model, g.version = exp.model, outcome.model.version
     g.cache = "HIT" if outcome.cached else "MISS"
     g.model_seconds = outcome.model_seconds
@@ -28,7 +35,7 @@ def predict_ab() -> Response:
     response = json_response(body, headers={"X-Cache": g.cache})
     if exp.shadow is not None:
         # Runs once the answer has been written: the shadow never slows the caller.
-        response.call_on_close(lambda: plane.shadow(exp, [req.features], outcome))
+        response.call_on_close(lambda: plane.shadow(exp, [features], outcome))
     return response
 
 

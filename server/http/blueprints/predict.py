@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, g
+from flask import Blueprint, Response, g, request
 
 from server.http.auth import require_api_key
-from server.http.body import read_json, read_target, row_features
-from server.http.context import json_response, request_id, state
+from server.http.blueprints.experiments import through_experiment
+from server.http.body import query_version, read_json, read_target, row_features
+from server.http.context import adopt_request_id, json_response, request_id, state
 from server.protocols import native
 from server.schemas import BatchRequest, PredictRequest
 from server.serving.dataplane import Outcome
@@ -31,6 +32,14 @@ def predict(model: str | None = None, version: str | None = None) -> Response:
         payload = {"features": payload}  # the source guides' clients send a bare list
     front = state().front
     req = native.validate(PredictRequest, payload, row_features(front, payload, model, version))
+    adopt_request_id(req.request_id)
+    user_id = req.user_id or (request.args.get("user_id") if request.query_string else None)
+    if user_id and not (version or req.version or query_version()):
+        # The guides' A/B clients: POST /predict?user_id=... on the model an experiment targets
+        name = front.model_name(model or req.model, "'model' in the body or /predict/<model>")
+        experiment = state().dataplane.experiments.targeting(name)
+        if experiment is not None:
+            return through_experiment(experiment.name, user_id, req.features)
     lv = read_target(front, model, req.model, version, req.version,
                      "'model' in the body or /predict/<model>")
     outcome = front.predict(lv, front.matrix(lv, [req.features], ["features"]), ["features"])
@@ -45,6 +54,7 @@ def batch() -> Response:
     payload = read_json(form_ok=True)
     front.check_rows(native.row_count(payload), ["instances"])
     req = native.validate(BatchRequest, payload, row_features(front, payload))
+    adopt_request_id(req.request_id)
     lv = read_target(front, None, req.model, None, req.version, "'model' in the body")
     outcome = front.predict(lv, front.matrix(lv, req.instances, ["instances"]), ["instances"])
     _note(outcome)

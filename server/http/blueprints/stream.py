@@ -14,7 +14,7 @@ from flask import Blueprint, Response, g, request
 from server.errors import ApiError
 from server.http.auth import require_api_key
 from server.http.body import read_json, read_target, row_features
-from server.http.context import counted, sse_response, state
+from server.http.context import adopt_request_id, counted, sse_response, state
 from server.protocols import native, sse
 from server.protocols.csvrows import feature_positions, open_csv, score_csv
 from server.runtime import figures
@@ -34,6 +34,7 @@ def predict_stream() -> Response:
     payload = read_json(form_ok=True)
     front.check_rows(native.row_count(payload), ["instances"], front.limits.stream_max_rows)
     req = native.validate(BatchRequest, payload, row_features(front, payload))
+    adopt_request_id(req.request_id)
     lv = read_target(front, None, req.model, None, req.version, "'model' in the body")
     # Everything that can be wrong with the whole body is answered before the stream starts.
     X = front.matrix(lv, req.instances, ["instances"], front.limits.stream_max_rows)

@@ -34,3 +34,21 @@ def test_summary_without_data_has_no_p_value() -> None:
         stats.count_outcome("e", "a", v)
         stats.count_outcome("e", "b", v)
     assert summarize(exp, stats.read("e"))["arms"]["b"]["p_value"] is None  # all alike
+
+
+def test_predict_with_user_id_needs_one_experiment_on_the_model() -> None:
+    from server.errors import ApiError
+    from server.serving.experiments import Experiments
+
+    arms = (Arm("a", "1", 50), Arm("b", "2", 50))
+    book = Experiments.__new__(Experiments)
+    book.items = {"one": Experiment("one", "iris", arms),
+                  "broken": Experiment("broken", "iris", arms, error="bad"),
+                  "other": Experiment("other", "diabetes", arms)}
+    assert book.targeting("iris") is book.items["one"]  # the invalid one does not count
+    assert book.targeting("breast_cancer") is None
+    book.items["two"] = Experiment("two", "iris", arms)
+    with pytest.raises(ApiError) as err:
+        book.targeting("iris")
+    assert (err.value.status, err.value.code) == (422, "ambiguous_experiment")
+    assert "one, two" in err.value.message
