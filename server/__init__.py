@@ -19,7 +19,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Build one worker's application: settings, models, cache, data plane, blueprints."""
     from server.config import Settings
     from server.http.app import install
-    from server.http.auth import install_cors, install_rate_limits
+    from server.http.auth import install_cors, install_proxy_fix, install_rate_limits
     from server.http.blueprints import (
         admin,
         dashboard,
@@ -119,6 +119,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         started=time.time(),
     )
     install(app)
+    install_proxy_fix(app, settings)
     install_rate_limits(app, settings)
     install_cors(app, settings)
     for blueprint in (health.bp, models.bp, predict.bp, experiments.bp, stream.bp, ws.bp,

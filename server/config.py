@@ -58,6 +58,10 @@ class Settings(BaseSettings):
         "", description="Per API key (or client address) limit, e.g. '100/second;5000/minute'; "
         "empty = off. Counted in Redis when REDIS_URL is set (shared by workers and hosts)."
     )
+    trusted_proxies: int = Field(
+        0, ge=0, le=10, description="Proxy hops whose X-Forwarded-For is believed for the "
+        "client address (nginx in front: 1); 0 = the socket's peer."
+    )
     cors_origins: str = Field(
         "", description="Comma list of origins allowed by CORS ('*' for any); empty = CORS off."
     )

@@ -51,12 +51,23 @@ def require_api_key() -> None:
 
 
 def client_key() -> str:
-    """Who a rate limit counts: the API key presented (hashed, never stored as is), else
-    the client address."""
-    presented = _presented_token("X-API-Key")
-    if presented:
+    """Who a rate limit counts: a valid API key (hashed, never stored as is) when API_KEYS
+    is set, else the client address (behind TRUSTED_PROXIES, the one they forwarded). A
+    made-up key is no identity: a client cannot get a fresh counter by sending a new one."""
+    keys = state().settings.api_key_list
+    presented = _presented_token("X-API-Key") if keys else ""
+    if presented and _matches(presented, keys):
         return "key:" + hashlib.sha256(presented.encode()).hexdigest()[:16]
     return "addr:" + (request.remote_addr or "unknown")
+
+
+def refuse_wrong_key() -> None:
+    """With API_KEYS set, a wrong key is a 401 before any limit is counted for it."""
+    keys = state().settings.api_key_list
+    presented = _presented_token("X-API-Key") if keys else ""
+    if presented and not _matches(presented, keys):
+        raise ApiError(401, "unauthorized", "API key missing or wrong",
+                       headers={"WWW-Authenticate": "Bearer"})
 
 
 def install_cors(app: Flask, settings: Settings) -> None:
@@ -76,12 +87,24 @@ def require_metrics_key() -> None:
                        headers={"WWW-Authenticate": "Bearer"})
 
 
+def install_proxy_fix(app: Flask, settings: Settings) -> None:
+    """Behind TRUSTED_PROXIES proxies (nginx: 1), the client address is the one they put in
+    X-Forwarded-For; with 0, a client's own X-Forwarded-For is ignored."""
+    if settings.trusted_proxies > 0:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        n = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n)  # type: ignore[method-assign]
+
+
 def install_rate_limits(app: Flask, settings: Settings) -> None:
     if not settings.rate_limit:
         return
     from flask_limiter import Limiter
 
     open_paths = {"/health", "/ready", "/metrics"}
+    # Registered before the limiter's own hook, so it runs first.
+    app.before_request(lambda: None if request.path in open_paths else refuse_wrong_key())
     Limiter(
         client_key, app=app, default_limits=[settings.rate_limit],
         storage_uri=settings.redis_url or "memory://",

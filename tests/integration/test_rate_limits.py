@@ -39,3 +39,44 @@ def test_redis_down_serves_without_limits(
     server = server_factory(model_repo, REDIS_URL=url, RATE_LIMIT="2/minute", WORKERS="1")
     codes = Counter(server.post("/predict/iris", json=ROW).status_code for _ in range(5))
     assert 500 not in codes and codes[200] >= 2
+
+
+def test_made_up_keys_are_no_identity(server_factory: Callable[..., LiveServer],
+                                      model_repo: Path) -> None:
+    """Without API_KEYS, each new made-up key used to get a fresh counter."""
+    server = server_factory(model_repo, RATE_LIMIT="5/minute", WORKERS="1")
+    codes = Counter(server.post("/predict/iris", json=ROW,
+                                headers={"X-API-Key": f"made-up-{i}"}).status_code
+                    for i in range(20))
+    assert codes == Counter({200: 5, 429: 15})
+
+
+def test_a_wrong_key_is_401_and_never_counted(server_factory: Callable[..., LiveServer],
+                                              model_repo: Path) -> None:
+    server = server_factory(model_repo, RATE_LIMIT="5/minute", WORKERS="1", API_KEYS="alpha")
+    wrong = Counter(server.post("/predict/iris", json=ROW,
+                                headers={"X-API-Key": f"guess-{i}"}).status_code
+                    for i in range(12))
+    assert wrong == Counter({401: 12})
+    right = Counter(server.post("/predict/iris", json=ROW, headers={"X-API-Key": "alpha"}
+                                ).status_code for _ in range(6))
+    assert right == Counter({200: 5, 429: 1})
+
+
+def test_without_a_proxy_a_forged_forwarded_for_is_ignored(
+        server_factory: Callable[..., LiveServer], model_repo: Path) -> None:
+    server = server_factory(model_repo, RATE_LIMIT="5/minute", WORKERS="1")
+    codes = Counter(server.post("/predict/iris", json=ROW,
+                                headers={"X-Forwarded-For": f"10.0.0.{i}"}).status_code
+                    for i in range(8))
+    assert codes == Counter({200: 5, 429: 3})
+
+
+def test_behind_one_trusted_proxy_clients_are_told_apart(
+        server_factory: Callable[..., LiveServer], model_repo: Path) -> None:
+    server = server_factory(model_repo, RATE_LIMIT="5/minute", WORKERS="1", TRUSTED_PROXIES="1")
+    for client in ("10.0.0.1", "10.0.0.2"):
+        codes = Counter(server.post("/predict/iris", json=ROW,
+                                    headers={"X-Forwarded-For": client}).status_code
+                        for _ in range(6))
+        assert codes == Counter({200: 5, 429: 1})
