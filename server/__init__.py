@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 def create_app(settings: Settings | None = None) -> Flask:
     """Build one worker's application: settings, models, cache, data plane, blueprints."""
     from server.config import Settings
-    from server.http.app import install
+    from server.http.app import install, install_compression
     from server.http.auth import install_cors, install_proxy_fix, install_rate_limits
     from server.http.blueprints import (
         admin,
@@ -119,6 +119,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         started=time.time(),
     )
     install(app)
+    install_compression(app)
     install_proxy_fix(app, settings)
     install_rate_limits(app, settings)
     install_cors(app, settings)

@@ -3,6 +3,7 @@ validation, and the model a request names."""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +53,30 @@ def refuse_deep_json(raw: bytes, depth: int | None = None) -> None:
                        "(MAX_JSON_DEPTH)")
 
 
+def inflate(body: bytes, coding: str, limit: int | None) -> bytes:
+    """A ``Content-Encoding: gzip`` body, inflated; MAX_BODY_BYTES applies to what comes
+    out, and inflating stops one byte past it, so a gzip bomb costs at most the limit in
+    memory (413), never the whole of it."""
+    coding = coding.strip().lower()
+    if coding in ("", "identity"):
+        return body
+    if coding not in ("gzip", "x-gzip"):
+        raise ApiError(415, "unsupported_media_type",
+                       f"Content-Encoding {coding!r} is not supported: send gzip or none")
+    inflater = zlib.decompressobj(wbits=31)  # gzip framing
+    cap = (limit if limit is not None else 1 << 62) + 1
+    try:
+        out = inflater.decompress(body, cap)
+    except zlib.error as exc:
+        raise ApiError(400, "bad_gzip", f"the gzip body cannot be read: {exc}") from exc
+    if len(out) >= cap:
+        raise ApiError(413, "body_too_large",
+                       f"request body larger than {limit} bytes once inflated")
+    if not inflater.eof:
+        raise ApiError(400, "bad_gzip", "the gzip body ends before its end")
+    return out
+
+
 class BodyRequest(Request):
     """Reads a whole body the same way for every view that calls ``get_data``: a chunked body
     cut at the size limit is refused (413), a client that stalls mid-body gets 408, and a body
@@ -85,6 +110,9 @@ class BodyRequest(Request):
                 # A chunked body is cut at the limit rather than refused: refuse it ourselves.
                 raise ApiError(413, "body_too_large",
                                f"request body larger than {limit} bytes")
+        coding = environ.get("HTTP_CONTENT_ENCODING")
+        if coding is not None:
+            body = inflate(body, coding, self.max_content_length)
         json_part = None if self._depth_checked else self._json_part(body)
         self._depth_checked = True
         if json_part is not None:
