@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
+from operator import itemgetter
 from typing import IO, Any
 
 import numpy as np
@@ -58,18 +60,25 @@ def parse_rows(rows: list[list[str]], positions: list[int], width: int,
     (``NUMBER_RE``), NaN or infinite rejects its row with the reason naming the feature.
     Numbers are parsed in one numpy pass."""
     reasons = [""] * len(rows)
-    good: list[int] = []
-    cells: list[list[str]] = []
-    for i, row in enumerate(rows):
-        if len(row) != width:
-            reasons[i] = width_reason(width, len(row))
-        else:
-            good.append(i)
-            cells.append([row[p] for p in positions])
+    if set(map(len, rows)) <= {width}:  # the usual chunk: every row has the header's width
+        good = list(range(len(rows)))
+        kept: Sequence[Sequence[str]] = rows
+    else:
+        good = [i for i, row in enumerate(rows) if len(row) == width]
+        for i, row in enumerate(rows):
+            if len(row) != width:
+                reasons[i] = width_reason(width, len(row))
+        kept = [rows[i] for i in good]
+    # The feature columns of the kept rows (all of each row when the CSV holds only those).
+    cells: Sequence[Sequence[str]] = kept
+    if positions != list(range(width)):
+        pick = itemgetter(*positions)
+        cells = [pick(r) for r in kept] if len(positions) > 1 else [[r[positions[0]]]
+                                                                    for r in kept]
     try:
         # numpy parses as float() does, which also takes "1_000" and other scripts' digits:
         # a chunk holding either goes the strict way below.
-        text = "".join(v for values in cells for v in values)
+        text = "".join(chain.from_iterable(cells))
         if "_" in text or not text.isascii():
             raise ValueError(text)
         X = np.array(cells, dtype="<f8").reshape(len(cells), len(positions))
