@@ -18,6 +18,9 @@ import pytest
 
 from tests.conftest import ADMIN_TOKEN, ROOT, LiveServer
 
+# Starts servers of its own or runs for long: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 CODE = re.compile(r'"code"\s*:\s*"([a-z_]+)"')

@@ -8,7 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
+
+# Runs the commands in subprocesses: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
 
 # Runs a module as ``python -m`` would, with the named top-level packages made unimportable.
 WITHOUT = """

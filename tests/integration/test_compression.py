@@ -79,6 +79,7 @@ def rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.slow  # starts a server of its own
 def test_a_one_gib_gzip_bomb_is_413_in_little_memory(
         server_factory: Callable[..., LiveServer], model_repo: Path) -> None:
     server = server_factory(model_repo, WORKERS="1", MODEL_POLL_SECONDS="0")

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import joblib
+import pytest
 from sklearn.datasets import load_iris
 
 from tests.conftest import LiveServer, scrape_metrics
@@ -17,6 +18,7 @@ from tests.slow_model import HungryLogistic
 TIMING = re.compile(r"^model;dur=[0-9.]+, total;dur=[0-9.]+$")
 
 
+@pytest.mark.slow  # starts a server of its own
 def test_out_of_memory_is_503_and_the_worker_serves_on(
     server_factory: Callable[..., LiveServer], model_repo: Path
 ) -> None:

@@ -7,7 +7,12 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import LiveServer, RedisServer
+
+# Starts servers of its own or runs for long: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
 
 ROW = [5.1, 3.5, 1.4, 0.2]
 
