@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                 "timeout_s": args.timeout, "workers": 2, "wrk_threads": 1,
                 "hit_distinct_rows": HIT_ROWS, "miss_base_rows": BASE_ROWS,
                 "redis": "redis-server --save '' --appendonly no", "cache_ttl_s": 3600,
-                "memory_cache_max_entries_per_worker": 100_000}
+                "memory_cache_max_mb_per_worker": 64}
     print(f"cache benchmark: {os.cpu_count()} CPUs, 2 gevent workers per server, "
           f"wrk -t1, {args.duration} s x {args.rounds} rounds (best kept), "
           f"hit ratio over all rounds from the workers' /status")

@@ -72,7 +72,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.redis_url:
         client = make_redis(settings.redis_url, settings.redis_timeout, settings.redis_pool_size)
     cache = make_cache(settings.cache_enabled, client, settings.redis_url, settings.cache_ttl,
-                       settings.cache_max_entries, settings.redis_breaker_seconds)
+                       int(settings.cache_max_mb * 1_000_000), settings.redis_breaker_seconds)
     ab = Experiments(registry, RedisStats(client) if client is not None else MemoryStats())
     ab.reload()
     batcher = None

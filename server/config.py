@@ -17,8 +17,9 @@ class Settings(BaseSettings):
     redis_url: str = Field("", description="redis://host:port/db; empty = per-worker memory cache.")
     cache: str = Field("on", description="'off' disables the prediction cache.")
     cache_ttl: int = Field(3600, ge=1, description="Seconds a cached prediction lives (SETEX).")
-    cache_max_entries: int = Field(
-        100_000, ge=1, description="Most rows the per-worker memory cache keeps (LRU)."
+    cache_max_mb: float = Field(
+        64, gt=0, description="Megabytes the per-worker memory cache may hold (LRU beyond); "
+        "an iris row with probabilities costs about 370 bytes."
     )
     redis_timeout: float = Field(
         0.25, gt=0, description="Socket connect/read timeout for Redis, in seconds."

@@ -34,7 +34,7 @@ def test_big_endian_input_gets_the_same_key() -> None:
 
 
 def test_memory_cache_evicts_least_recently_used_and_expires() -> None:
-    cache = MemoryCache(max_entries=2, ttl=0.2)
+    cache = MemoryCache(max_bytes=2 * MemoryCache.cost("a", b"1"), ttl=0.2)
     cache.set_many({"a": b"1", "b": b"2"})
     assert cache.get_many(["a"]) == [b"1"]  # a is now the most recent
     cache.set_many({"c": b"3"})
@@ -45,7 +45,7 @@ def test_memory_cache_evicts_least_recently_used_and_expires() -> None:
 
 
 def test_memory_cache_drops_one_version_only() -> None:
-    cache = MemoryCache(10, 60)
+    cache = MemoryCache(10_000, 60)
     cache.set_many({"pred:m:1:x": b"1", "pred:m:10:x": b"2", "pred:m:2:x": b"3"})
     assert cache.drop_version("m", "1") == 1
     assert cache.get_many(["pred:m:10:x", "pred:m:2:x"]) == [b"2", b"3"]
@@ -67,3 +67,17 @@ def test_dead_redis_is_a_quick_miss_then_skipped_by_the_breaker() -> None:
     status = cache.status()
     assert status["state"] == "degraded" and status["breaker"] == "open"
     assert status["errors"] == 1 and status["skipped_lookups"] == 1
+
+
+def test_memory_cache_is_bounded_in_bytes_and_counts_them() -> None:
+    value = b'{"prediction":0,"label":"setosa"}'
+    cost = MemoryCache.cost("pred:m:1:" + "0" * 32, value)
+    cache = MemoryCache(max_bytes=10 * cost, ttl=60)
+    cache.set_many({f"pred:m:1:{i:032d}": value for i in range(25)})
+    assert len(cache) == 10 and cache.bytes == 10 * cost
+    assert cache.get_many([f"pred:m:1:{i:032d}" for i in (14, 15, 24)]) == [None, value, value]
+    cache.set_many({f"pred:m:1:{24:032d}": value})  # replacing an entry does not count twice
+    assert cache.bytes == 10 * cost
+    assert cache.drop_version("m", "1") == 10 and cache.bytes == 0
+    status = cache.status()
+    assert status["max_bytes"] == 10 * cost and status["bytes_per_entry"] is None
