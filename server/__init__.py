@@ -29,6 +29,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         models,
         predict,
         stream,
+        tokens,
         train,
         v1_tfserving,
         v2_oip,
@@ -124,7 +125,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     install_rate_limits(app, settings)
     install_cors(app, settings)
     for blueprint in (health.bp, models.bp, predict.bp, experiments.bp, stream.bp, ws.bp,
-                      v2_oip.bp, v1_tfserving.bp, train.bp, admin.bp, docs.bp,
+                      v2_oip.bp, v1_tfserving.bp, tokens.bp, train.bp, admin.bp, docs.bp,
                       dashboard.bp):
         app.register_blueprint(blueprint)
     reloader.start()

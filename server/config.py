@@ -70,6 +70,10 @@ class Settings(BaseSettings):
         "", description="When set, GET /metrics needs it as X-API-Key or a Bearer token."
     )
     api_keys: str = Field("", description="Comma list of API keys; empty = model endpoints open.")
+    stream_token_seconds: int = Field(
+        300, ge=1, le=86400, description="Life of a stream token (POST /auth/stream-token) "
+        "that SSE endpoints and WebSockets accept as ?token= under API_KEYS."
+    )
     admin_token: str = Field("", description="Admin bearer token; empty = admin endpoints 403.")
     default_model: str = Field("", description="Model used by POST /predict when none is named.")
     model_poll_seconds: float = Field(

@@ -319,6 +319,13 @@ class OutcomeResponse(BaseModel):
     request_id: str
 
 
+class StreamTokenResponse(BaseModel):
+    """A short-lived token that SSE endpoints and WebSockets accept as ``?token=``."""
+
+    token: str = Field(description="Signed; never the API key itself.")
+    expires_in: int = Field(description="Seconds the token is accepted (STREAM_TOKEN_SECONDS).")
+
+
 class ReloadResponse(BaseModel):
     """What a repository rescan changed, as 'model/version' keys, and what is now served."""
 

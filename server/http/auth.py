@@ -6,6 +6,7 @@ import hashlib
 import hmac
 
 from flask import Flask, request
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from server.config import Settings
 from server.errors import ApiError
@@ -47,6 +48,45 @@ def require_api_key() -> None:
     presented = _presented_token("X-API-Key")
     if not presented or not _matches(presented, keys):
         raise ApiError(401, "unauthorized", "API key missing or wrong",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+# --- Stream tokens: browsers cannot put a key on an EventSource or a WebSocket -------------
+def _signer() -> URLSafeTimedSerializer:
+    """Signs with a secret derived from API_KEYS: every instance with the same keys accepts
+    the same tokens, and changing the keys revokes them all."""
+    keys = ",".join(sorted(state().settings.api_key_list))
+    secret = hashlib.sha256(f"stream-token:{keys}".encode()).hexdigest()
+    return URLSafeTimedSerializer(secret, salt="stream-token")
+
+
+def _key_id(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def issue_stream_token() -> str:
+    """A short-lived token for the key this request presented (never the key itself)."""
+    return _signer().dumps({"k": _key_id(_presented_token("X-API-Key"))})
+
+
+def require_api_key_or_token() -> None:
+    """For SSE endpoints and WebSockets: an API key as usual, or ``?token=`` from
+    ``POST /auth/stream-token``, unexpired and for a key that is still configured."""
+    keys = state().settings.api_key_list
+    token = request.args.get("token") if keys and request.query_string else None
+    if not token or _presented_token("X-API-Key"):
+        require_api_key()
+        return
+    try:
+        claims = _signer().loads(token, max_age=state().settings.stream_token_seconds)
+    except SignatureExpired as exc:
+        raise ApiError(401, "unauthorized", "stream token expired: ask for a new one",
+                       headers={"WWW-Authenticate": "Bearer"}) from exc
+    except BadSignature as exc:
+        raise ApiError(401, "unauthorized", "stream token invalid",
+                       headers={"WWW-Authenticate": "Bearer"}) from exc
+    if not isinstance(claims, dict) or claims.get("k") not in {_key_id(k) for k in keys}:
+        raise ApiError(401, "unauthorized", "stream token for a key that is no longer valid",
                        headers={"WWW-Authenticate": "Bearer"})
 
 

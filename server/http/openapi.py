@@ -158,6 +158,10 @@ OPERATIONS: tuple[Operation, ...] = (
               ("experiments",), {200: _json(s.OutcomeResponse)},
               request=(_json(s.OutcomeRequest, conversion={"user_id": "u42", "value": 1}),),
               params=(EXPERIMENT_P,), errors=JSON_BODY + MODEL),
+    Operation("POST", "/auth/stream-token", "A stream token for browsers",
+              ("streaming",), {200: _json(s.StreamTokenResponse)},
+              description="Browsers cannot put an API key on an EventSource or a WebSocket: "
+                          "SSE endpoints and WebSockets accept this token as `?token=`."),
     # --- models ---------------------------------------------------------------------------
     Operation("GET", "/models", "Every model: versions, labels, features, classes, sha256",
               ("models",), {200: _json(s.ModelsResponse)}),

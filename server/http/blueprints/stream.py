@@ -12,7 +12,7 @@ from typing import Any
 from flask import Blueprint, Response, g, request
 
 from server.errors import ApiError
-from server.http.auth import require_api_key
+from server.http.auth import require_api_key_or_token
 from server.http.body import read_json, read_target, row_features
 from server.http.context import adopt_request_id, counted, sse_response, state
 from server.protocols import native, sse
@@ -21,7 +21,7 @@ from server.runtime import figures
 from server.schemas import BatchRequest
 
 bp = Blueprint("stream", __name__)
-bp.before_request(require_api_key)
+bp.before_request(require_api_key_or_token)
 bp.before_request(lambda: state().stream_slot())
 
 SPOOL_MEMORY = 1 << 20  # a CSV body beyond 1 MB is spooled to disk, not kept in memory

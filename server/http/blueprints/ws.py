@@ -10,7 +10,7 @@ from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 
 from server.errors import ApiError
-from server.http.auth import require_api_key
+from server.http.auth import require_api_key_or_token
 from server.http.body import refuse_deep_json, row_features
 from server.http.context import state
 from server.protocols import native
@@ -18,7 +18,7 @@ from server.runtime import figures
 from server.schemas import PredictRequest
 
 bp = Blueprint("ws", __name__)
-bp.before_request(require_api_key)
+bp.before_request(require_api_key_or_token)
 # A socket opened while draining would only be cut at the graceful timeout: 503 instead.
 bp.before_request(lambda: state().front.refuse_when_draining())
 sock = Sock()
