@@ -351,3 +351,32 @@ def test_page_reconnects_after_a_server_restart(dash: Dashboard) -> None:
     url = re.escape(server.url.replace("http://", ""))
     assert dash.console_errors(rf"WebSocket connection to 'ws://{url}/ws/monitor' failed",
                                rf"http://{url}/\S+ - Failed to load resource: net::ERR_") == []
+
+
+def test_under_api_keys_the_page_asks_once_and_its_live_feeds_use_tokens(
+        demo_repo: Path, tmp_path: Path) -> None:
+    require_browser()
+    server = LiveServer(tmp_path / "logs", demo_repo, API_KEYS="dash-key-1", **SERVER_ENV)
+    server.start()
+    driver = start_browser(tmp_path / "chrome-profile")
+    try:
+        page = Dashboard(server, driver, tmp_path, demo_repo)
+        driver.get(server.url + "/dashboard")
+        wait_until(lambda: page.find("#notice").is_displayed(), 10)  # it asks for the key
+        assert not page.connected()
+        page.find("#api-key").send_keys("dash-key-1")
+        page.find("#api-key-save").click()
+        wait_until(page.connected, 15)  # EventSource and WebSocket through stream tokens
+        assert not page.find("#notice").is_displayed()
+        for _ in range(20):
+            server.post("/predict/iris", json=[5.1, 3.5, 1.4, 0.2],
+                        headers={"X-API-Key": "dash-key-1"})
+        wait_until(lambda: (page.state("figures.per_model") or {}).get("iris:2", 0) >= 20, 10)
+        assert "dash-key-1" not in driver.current_url
+        # only the refusals of the first load, before the key was given
+        assert not page.console_errors(r"/models .* 401", r"/stream/events.* 401",
+                                       r"/ws/monitor' failed: HTTP Authentication failed",
+                                       r"401 \(UNAUTHORIZED\)")
+    finally:
+        driver.quit()
+        server.stop()

@@ -278,11 +278,11 @@
     setTimeout(connect, delay);
   }
 
-  function connectMonitor() {
+  async function connectMonitor() {
     const conn = state.connections.monitor;
     const scheme = location.protocol === "https:" ? "wss://" : "ws://";
     setConnection("monitor", "connecting", "connecting…");
-    const ws = new WebSocket(scheme + location.host + "/ws/monitor");
+    const ws = new WebSocket(scheme + location.host + await streamUrl("/ws/monitor"));
     let watchdog = null;
     ws.onopen = () => {
       conn.attempt = 0;
@@ -312,10 +312,10 @@
     };
   }
 
-  function connectEvents() {
+  async function connectEvents() {
     const conn = state.connections.events;
     setConnection("events", "connecting", "connecting…");
-    const source = new EventSource("/stream/events");
+    const source = new EventSource(await streamUrl("/stream/events"));
     let watchdog = null;
     const seen = () => {
       conn.lastMessage = Date.now();
@@ -408,10 +408,39 @@
     }
   }
 
+  // --- API key (under API_KEYS) -------------------------------------------------------------
+  const API_KEY = "model-server-api-key";
+
+  function storedKey() {
+    try {
+      return sessionStorage.getItem(API_KEY) || "";
+    } catch (err) {
+      return "";
+    }
+  }
+
+  function withKey(options) {
+    const key = storedKey();
+    if (!key) return options || {};
+    const headers = {...((options || {}).headers || {}), "X-API-Key": key};
+    return {...(options || {}), headers};
+  }
+
+  // EventSource and WebSocket cannot carry a key: a stream token from the key, in the URL.
+  async function streamUrl(path) {
+    if (!storedKey()) return path;
+    try {
+      const body = await api("/auth/stream-token", {method: "POST"});
+      return `${path}?token=${encodeURIComponent(body.token)}`;
+    } catch (err) {
+      return path;  // refused: the stream's own 401 shows, and the notice asks for a key
+    }
+  }
+
   async function api(path, options) {
     let resp;
     try {
-      resp = await fetch(path, {cache: "no-store", ...options});
+      resp = await fetch(path, {cache: "no-store", ...withKey(options)});
     } catch (err) {
       throw new ApiFailure(0, {error: "the server cannot be reached", code: "unreachable"});
     }
@@ -464,7 +493,7 @@
     try {
       body = await api("/models");
     } catch (err) {
-      // Browsers cannot put a key on a WebSocket or an EventSource: say so, once.
+      // Under API_KEYS without a (valid) key: ask for one.
       $("notice").hidden = err.status !== 401;
       return;  // otherwise the connection badges already say the server is away
     }
@@ -806,6 +835,16 @@
   setInterval(() => {
     if (state.connections.monitor.state === "open" && !document.hidden) refreshExperiments();
   }, EXPERIMENT_POLL_MS);
+
+  $("notice").addEventListener("submit", (event) => {
+    event.preventDefault();
+    try {
+      sessionStorage.setItem(API_KEY, $("api-key").value.trim());
+    } catch (err) {
+      return;  // storage refused (private mode): nothing to keep the key in
+    }
+    location.reload();  // every request and feed starts over with the key
+  });
 
   refreshModels();
   connectMonitor();
