@@ -151,6 +151,17 @@ class LiveServer(Process):
         return requests.request(method, self.url + path, **kw)
 
 
+def websocket_handshake(url: str) -> requests.Response:
+    """A WebSocket opening handshake sent by hand, for tests of a refused one: the server's
+    answer (status and JSON body) as it is. simple_websocket's client would leave its socket
+    open when refused."""
+    headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    with requests.get(url, headers=headers, timeout=5) as resp:
+        resp.content  # noqa: B018 - read the body before the connection closes
+        return resp
+
+
 class RedisServer(Process):
     """A real ``redis-server`` on a free loopback port, no persistence."""
 

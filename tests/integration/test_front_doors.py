@@ -19,7 +19,7 @@ import requests
 from simple_websocket import Client, ConnectionClosed
 
 from server.jobs.score import main as score_main
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, websocket_handshake
 
 MAX_ROWS = 5
 MAX_BODY = 4096
@@ -215,10 +215,8 @@ def test_draining_is_not_ready_at_every_door(demo_repo: Path,
                           json={"model": "iris", "instances": [GOOD]})
     assert stream.status_code == 503 and stream.json()["code"] == "draining"
     assert stream.headers["Retry-After"] == "1"
-    handshake = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-                 "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
-    with requests.get(server.url + "/ws/predict", headers=handshake, timeout=5) as refused:
-        assert refused.status_code == 503 and refused.json()["code"] == "draining"
+    refused = websocket_handshake(server.url + "/ws/predict")
+    assert refused.status_code == 503 and refused.json()["code"] == "draining"
     # a one-shot prediction in the drain window is still answered: no request is lost
     answer = server.fresh("POST", "/predict/iris", json={"features": GOOD})
     assert answer.status_code == 200 and answer.json()["label"] == "setosa"

@@ -12,7 +12,7 @@ import pytest
 import requests
 from simple_websocket import Client
 
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, websocket_handshake
 
 pytestmark = pytest.mark.slow  # starts a server of its own
 
@@ -52,12 +52,7 @@ def test_a_token_opens_the_event_stream_and_the_monitor(keyed: LiveServer) -> No
 def test_a_forged_token_is_401(keyed: LiveServer, bad: str) -> None:
     with first_event(keyed, f"?token={bad}") as resp:
         assert resp.status_code == 401 and resp.json()["code"] == "unauthorized"
-    # simple_websocket leaves its socket open on a refused handshake: send one by hand
-    handshake = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-                 "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
-    with requests.get(f"{keyed.url}/ws/monitor?token={bad}", headers=handshake,
-                      timeout=5) as refused:
-        assert refused.status_code == 401
+    assert websocket_handshake(f"{keyed.url}/ws/monitor?token={bad}").status_code == 401
 
 
 def test_an_expired_token_is_401_and_a_token_opens_nothing_else(keyed: LiveServer) -> None:

@@ -408,16 +408,28 @@
     }
   }
 
-  // --- API key (under API_KEYS) -------------------------------------------------------------
+  // --- Secrets kept for this tab only (sessionStorage): the API key, the admin token ------
   const API_KEY = "model-server-api-key";
 
-  function storedKey() {
+  function stored(name) {
     try {
-      return sessionStorage.getItem(API_KEY) || "";
+      return sessionStorage.getItem(name) || "";
     } catch (err) {
-      return "";
+      return "";  // storage refused (private mode)
     }
   }
+
+  function store(name, value) {
+    try {
+      if (value) sessionStorage.setItem(name, value);
+      else sessionStorage.removeItem(name);
+      return true;
+    } catch (err) {
+      return false;  // storage refused (private mode): the value lives in its field only
+    }
+  }
+
+  const storedKey = () => stored(API_KEY);
 
   function withKey(options) {
     const key = storedKey();
@@ -643,22 +655,6 @@
   }
 
   // --- Training ---------------------------------------------------------------------------
-  function storedToken() {
-    try {
-      return sessionStorage.getItem(TOKEN_KEY) || "";
-    } catch (err) {
-      return "";
-    }
-  }
-
-  function storeToken(value) {
-    try {
-      if (value) sessionStorage.setItem(TOKEN_KEY, value);
-      else sessionStorage.removeItem(TOKEN_KEY);
-    } catch (err) {
-      // storage refused (private mode): the token lives in the field only
-    }
-  }
 
   function setTraining(value, text, fraction) {
     const t = state.training;
@@ -826,11 +822,11 @@
   $("predict-version").addEventListener("change", renderFeatures);
   $("train-form").addEventListener("submit", train);
   const tokenField = $("admin-token");
-  tokenField.value = storedToken();
-  tokenField.addEventListener("input", () => storeToken(tokenField.value.trim()));
+  tokenField.value = stored(TOKEN_KEY);
+  tokenField.addEventListener("input", () => store(TOKEN_KEY, tokenField.value.trim()));
   $("forget-token").addEventListener("click", () => {
     tokenField.value = "";
-    storeToken("");
+    store(TOKEN_KEY, "");
   });
   setInterval(() => {
     if (state.connections.monitor.state === "open" && !document.hidden) refreshExperiments();
@@ -838,12 +834,9 @@
 
   $("notice").addEventListener("submit", (event) => {
     event.preventDefault();
-    try {
-      sessionStorage.setItem(API_KEY, $("api-key").value.trim());
-    } catch (err) {
-      return;  // storage refused (private mode): nothing to keep the key in
+    if (store(API_KEY, $("api-key").value.trim())) {
+      location.reload();  // every request and feed starts over with the key
     }
-    location.reload();  // every request and feed starts over with the key
   });
 
   refreshModels();
