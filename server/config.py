@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 
@@ -56,6 +57,26 @@ class Settings(BaseSettings):
         description="Most open SSE and CSV streams per worker (503 + Retry-After beyond)."
     )
     heartbeat_seconds: float = Field(5.0, gt=0, description="SSE ': ping' interval while idle.")
+    max_websockets: int = Field(
+        0, ge=0, description="Most open WebSockets per worker (handshake 503 + Retry-After "
+        "beyond); 0 = a quarter of WORKER_CONNECTIONS, so plain HTTP always has room."
+    )
+    ws_idle_seconds: float = Field(
+        120.0, gt=0, description="A /ws/predict socket that sends no message for this long is "
+        "closed (1001)."
+    )
+    ws_ping_seconds: float = Field(
+        25.0, ge=0, description="Interval of WebSocket pings; a peer that stops answering them "
+        "is dropped. 0 = no pings."
+    )
+    csv_max_bytes: int = Field(
+        268_435_456, ge=1, description="Largest /predict/csv upload, counted as it arrives "
+        "(413 beyond); bigger files belong to offline scoring."
+    )
+    csv_spool_mb: float = Field(
+        512, gt=0, description="Megabytes of CSV uploads one worker may hold on disk at once "
+        "(503 + Retry-After beyond)."
+    )
     rate_limit: str = Field(
         "", description="Per API key (or client address) limit, e.g. '100/second;5000/minute'; "
         "empty = off. Counted in Redis when REDIS_URL is set (shared by workers and hosts)."
@@ -95,6 +116,13 @@ class Settings(BaseSettings):
     @property
     def cache_enabled(self) -> bool:
         return self.cache.strip().lower() not in {"off", "0", "false", "no"}
+
+    @cached_property
+    def websocket_cap(self) -> int:
+        """MAX_WEBSOCKETS, or a quarter of gunicorn's WORKER_CONNECTIONS when 0."""
+        if self.max_websockets:
+            return self.max_websockets
+        return max(1, int(os.environ.get("WORKER_CONNECTIONS", "1000")) // 4)
 
     @cached_property  # read on every request that needs a key: split once
     def api_key_list(self) -> list[str]:
