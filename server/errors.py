@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+ECHO_CHARS = 100  # a client's value quoted back in a message, at most
+MESSAGE_CHARS = 2000  # a whole message, at most: a backstop for whatever echoes input
+
+
+def echo(value: object, limit: int = ECHO_CHARS) -> str:
+    """``value`` as quoted back to the client, cut to ``limit`` characters: a 200 KB model
+    name must not make a 200 KB error."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
 
 class ApiError(Exception):
     """An error a client can act on: status, machine code, message and optional details."""
@@ -16,6 +26,7 @@ class ApiError(Exception):
         details: list[dict[str, Any]] | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        message = echo(message, MESSAGE_CHARS)
         super().__init__(message)
         self.status = status
         self.code = code

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Optional, Union
 
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 
+from server.errors import MESSAGE_CHARS, echo
+
 LIST_TAG = "[list]"
 OBJECT_TAG = "[object]"
 
@@ -115,8 +117,9 @@ class TrainRequest(BaseModel):
 def error_details(errors: list[Any]) -> list[dict[str, Any]]:
     """pydantic errors as ``{"loc", "msg"}`` with the union tags taken out of the path."""
     return [
-        {"loc": [p for p in e["loc"] if p not in (LIST_TAG, OBJECT_TAG)],
-         "msg": e["msg"].removeprefix("Value error, ")}
+        {"loc": [echo(p) if isinstance(p, str) else p for p in e["loc"]
+                 if p not in (LIST_TAG, OBJECT_TAG)],
+         "msg": echo(e["msg"].removeprefix("Value error, "), MESSAGE_CHARS)}
         for e in errors
     ]
 

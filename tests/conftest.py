@@ -107,6 +107,9 @@ class LiveServer(Process):
                 "--no-control-socket", "wsgi:app"]
         super().__init__(argv, full, tmp / f"gunicorn-{self.port}.log")
         self.session = requests.Session()
+        # /status needs a key under API_KEYS: the first one configured.
+        keys = [k for k in full.get("API_KEYS", "").split(",") if k.strip()]
+        self.key = {"X-API-Key": keys[0].strip()} if keys else {}
 
     def start(self, wait_ready: bool = True) -> LiveServer:  # type: ignore[override]
         super().start()
@@ -120,7 +123,7 @@ class LiveServer(Process):
             resp = requests.get(self.url + path, timeout=2, headers={"Connection": "close"})
             if resp.status_code == 200 and path == "/ready":
                 seen.add(requests.get(self.url + "/status", timeout=2,
-                                      headers={"Connection": "close"}).json()["pid"])
+                                      headers={"Connection": "close", **self.key}).json()["pid"])
             return resp.status_code == 200 and (path != "/ready" or len(seen) >= workers)
 
         try:

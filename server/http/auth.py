@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from flask import Flask, request
+from flask import Flask, Response, request
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from server.config import Settings
@@ -137,14 +137,23 @@ def install_proxy_fix(app: Flask, settings: Settings) -> None:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n)  # type: ignore[method-assign]
 
 
+def _retry_after_only_when_refused(response: Response) -> Response:
+    if response.status_code not in (429, 503):
+        response.headers.pop("Retry-After", None)
+    return response
+
+
 def install_rate_limits(app: Flask, settings: Settings) -> None:
     if not settings.rate_limit:
         return
     from flask_limiter import Limiter
 
-    open_paths = {"/health", "/ready", "/metrics"}
+    open_paths = {"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"}
     # Registered before the limiter's own hook, so it runs first.
     app.before_request(lambda: None if request.path in open_paths else refuse_wrong_key())
+    # The limiter puts Retry-After on every answer; it means "come back later" and belongs
+    # only to 429 and 503. Registered before the limiter, so it runs after its header hook.
+    app.after_request(_retry_after_only_when_refused)
     Limiter(
         client_key, app=app, default_limits=[settings.rate_limit],
         storage_uri=settings.redis_url or "memory://",

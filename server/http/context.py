@@ -99,12 +99,13 @@ def new_request_id() -> str:
 
 
 def counted(source: Iterator[str]) -> Iterator[str]:
-    """Count a stream in this worker's figures: started now, then completed or cancelled
-    (a client that went away closes the generator at its next write)."""
+    """Count a stream in this worker's figures once its body starts, then completed or
+    cancelled (a client that went away closes the generator at its next write). A body that
+    never starts (HEAD, or a client gone before the first write) never holds a slot."""
     figures = state().figures
-    figures.stream("started")
 
     def run() -> Iterator[str]:
+        figures.stream("started")
         completed = False
         try:
             yield from source

@@ -35,6 +35,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from server.errors import echo
 from server.model.repository import VERSION_RE, is_valid_name
 
 DATA_FILE = Path("data") / "train.csv"
@@ -67,7 +68,7 @@ def train_events(
     (the client went away) terminates the child and reaps it.
     """
     if not is_valid_name(model):
-        raise ValueError(f"invalid model name {model!r}")
+        raise ValueError(f"invalid model name {echo(repr(model))}")
     argv = [sys.executable, "-m", "server.jobs.training",
             "--model-dir", str(Path(model_dir).resolve()),
             "--model", model, "--epochs", str(int(epochs))]
@@ -203,7 +204,7 @@ def _publish(folder: Path, estimator: Any, meta: dict[str, Any]) -> str:
 def train(model_dir: Path, model: str, epochs: int, data: Path | None, seed: int) -> str:
     folder = Path(model_dir) / model
     if not is_valid_name(model) or not folder.is_dir():
-        raise TrainingError(f"unknown model '{model}'", "model_not_found")
+        raise TrainingError(f"unknown model '{echo(model)}'", "model_not_found")
     meta = _latest_metadata(folder)
     known = meta.get("feature_names")
     names, X, y = read_csv(data or data_path(model_dir, model),

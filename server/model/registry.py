@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.errors import ApiError, not_found
+from server.errors import ApiError, echo, not_found
 from server.model.loaded import LoadedVersion, build_version
 from server.model.repository import VERSION_RE, ModelRepository, VersionOnDisk
 
@@ -95,7 +95,7 @@ class ModelRegistry:
     def get(self, name: str) -> ModelEntry:
         entry = self._models.get(name)
         if entry is None:
-            raise not_found("model", f"unknown model '{name}'")
+            raise not_found("model", f"unknown model '{echo(name)}'")
         return entry
 
     def resolve(self, name: str, version: str | int | None = None) -> LoadedVersion:
@@ -113,8 +113,8 @@ class ModelRegistry:
             raise ApiError(503, "version_unavailable",
                            f"model '{name}' version {wanted} failed to load")
         if not VERSION_RE.match(wanted) and str(version) not in entry.labels:
-            raise not_found("version", f"model '{name}' has no version or label '{version}'")
-        raise not_found("version", f"model '{name}' has no version '{wanted}'")
+            raise not_found("version", f"model '{name}' has no version or label '{echo(version)}'")
+        raise not_found("version", f"model '{name}' has no version '{echo(wanted)}'")
 
     def reload(self) -> ReloadReport:
         """Scan the repository and load what is new or changed; keep what is unchanged."""

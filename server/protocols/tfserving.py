@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-from server.errors import ApiError, message_only, not_found, validation_error
+from server.errors import ApiError, echo, message_only, not_found, validation_error
 from server.model.loaded import LoadedVersion
 from server.model.predict import to_matrix
 from server.model.registry import ModelEntry
@@ -70,14 +70,19 @@ class Target:
     metadata: bool
 
 
+def _ascii_digits(text: str) -> bool:
+    """0-9 only: ``str.isdigit`` also takes other scripts' digits (``int("١")`` is 1)."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_path(rest: str, method: str) -> Target:
     """``rest`` is the path after ``/v1/models/``; TF Serving answers 400 to what it can't parse."""
     match = PATH_RE.fullmatch(rest)
     if not rest:
         raise ApiError(400, "bad_request", "Missing model name in request.")
     if match is None or (match["verb"] and match["verb"] not in VERBS) or \
-            (match["version"] is not None and not match["version"].isdigit()):
-        raise ApiError(400, "bad_request", f"Malformed request: {method} /v1/models/{rest}")
+            (match["version"] is not None and not _ascii_digits(match["version"])):
+        raise ApiError(400, "bad_request", f"Malformed request: {method} /v1/models/{echo(rest)}")
     version = match["version"]
     if version is not None and len(version) <= 18:
         version = str(int(version))  # TF Serving reads an int64: /versions/01 is version 1
@@ -252,8 +257,9 @@ def choose_signature(lv: LoadedVersion, verb: str, name: str) -> Signature:
         raise validation_error(f'Serving signature name: "{name}" not found in signature def',
                                ["signature_name"])
     if sig.method != method:
-        raise validation_error(f"signature '{name}' has method_name {sig.method}, not {method}",
-                               ["signature_name"])
+        raise validation_error(
+            f"signature '{echo(name)}' has method_name {sig.method}, not {method}",
+            ["signature_name"])
     return sig
 
 
@@ -341,14 +347,14 @@ def model_status(entry: ModelEntry, version: str | None, label: str | None) -> d
     every.update({v: _status(v, "AVAILABLE") for v in entry.versions})
     if label is not None:
         if label not in entry.labels:
-            raise not_found("label", f"model '{entry.name}' has no label '{label}'")
+            raise not_found("label", f"model '{entry.name}' has no label '{echo(label)}'")
         version = entry.labels[label]
     if version is None:
         if not every:
             raise not_found("version", f"model '{entry.name}' has no versions")
         return {"model_version_status": [every[v] for v in sorted(every, key=int)]}
     if version not in every:
-        raise not_found("version", f"model '{entry.name}' has no version '{version}'")
+        raise not_found("version", f"model '{entry.name}' has no version '{echo(version)}'")
     return {"model_version_status": [every[version]]}
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from server.errors import ApiError, not_found, validation_error
+from server.errors import ApiError, echo, not_found, validation_error
 from server.model.loaded import LoadedVersion
 from server.model.predict import RowInput, to_matrix
 from server.model.registry import ModelRegistry
@@ -71,7 +71,7 @@ class FrontDoor:
         if label is not None:
             labels = self.registry.get(model).labels
             if label not in labels:
-                raise not_found("label", f"model '{model}' has no label '{label}'")
+                raise not_found("label", f"model '{model}' has no label '{echo(label)}'")
             version = labels[label]
         return self.registry.resolve(model, version)
 

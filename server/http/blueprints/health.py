@@ -7,7 +7,7 @@ import time
 
 from flask import Blueprint, Response
 
-from server.http.auth import require_metrics_key
+from server.http.auth import require_api_key, require_metrics_key
 from server.http.context import json_response, state
 from server.runtime import prometheus
 from server.runtime.blas import blas_threads
@@ -41,6 +41,9 @@ def metrics_text() -> Response:
 
 @bp.get("/status")
 def status() -> Response:
+    """Model names, labels, the Redis address and its last error: a key's worth under
+    API_KEYS (the probes are /health and /ready)."""
+    require_api_key()
     st = state()
     models = {
         name: {"latest": e.latest, "labels": e.labels, "versions": sorted(e.versions, key=int),

@@ -16,7 +16,7 @@ from typing import Any
 
 from flask import Blueprint, Response, g, request
 
-from server.errors import ApiError, not_found, validation_error
+from server.errors import ApiError, echo, not_found, validation_error
 from server.http.auth import require_admin
 from server.http.body import read_json
 from server.http.context import ServerState, sse_response, state
@@ -94,7 +94,7 @@ def _query_payload() -> dict[str, object]:
 def _check_model(st: ServerState, model: str) -> None:
     g.model = model
     if not is_valid_name(model):
-        raise not_found("model", f"unknown model '{model}'")
+        raise not_found("model", f"unknown model '{echo(model)}'")
     st.registry.get(model)
 
 

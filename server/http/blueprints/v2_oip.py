@@ -13,7 +13,9 @@ from server.model.loaded import LoadedVersion
 from server.protocols import oip
 
 bp = Blueprint("v2_oip", __name__, url_prefix="/v2")
-bp.before_request(require_api_key)
+# The health probes stay open, like /health and /ready: orchestrators send no key.
+OPEN = frozenset({"v2_oip.live", "v2_oip.ready"})
+bp.before_request(lambda: None if request.endpoint in OPEN else require_api_key())
 error_handlers(bp, oip.error_answer)
 
 SERVER_NAME = "model-server"
