@@ -258,7 +258,9 @@ class Server:
         self.log = workdir / f"{name}.log"
         runtime = workdir / f"runtime-{name}"  # else gunicorn.conf.py leaves a dir in /tmp
         runtime.mkdir()
-        self.env = clean_environ() | env | {
+        # The prediction log is on by default, as in production; into the temp dir.
+        log = {"PREDICTION_LOG": f"sqlite:///{workdir / f'predictions-{name}.db'}"}
+        self.env = clean_environ() | log | env | {
             "BIND": f"127.0.0.1:{self.port}", "WORKERS": "2", "RUNTIME_DIR": str(runtime),
             "PYTHONPATH": str(ROOT),
         }

@@ -28,6 +28,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         health,
         models,
         predict,
+        predictions,
         stream,
         tokens,
         train,
@@ -44,11 +45,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     from server.runtime.events import EventLog
     from server.runtime.figures import WorkerFigures
     from server.runtime.logs import configure_logging
+    from server.runtime.offload import offload
     from server.serving.batching import MicroBatcher, batch_mode, gevent_active
     from server.serving.cache import make_cache, make_redis
     from server.serving.dataplane import DataPlane
     from server.serving.experiments import Experiments, MemoryStats, RedisStats
     from server.serving.frontdoor import FrontDoor, Limits
+    from server.serving.logstore import LogStore
+    from server.serving.predlog import PredictionLog
     from server.serving.reloader import Reloader
 
     settings = settings or Settings()
@@ -56,8 +60,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     limit_blas_threads(settings.blas_threads)  # numpy and sklearn are loaded by now
     app = ServerApp(__name__, static_folder=None)  # the dashboard serves its own files
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    # A WebSocket message over MAX_BODY_BYTES closes the socket with 1009 (message too big).
-    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.max_body_bytes}
+    # A WebSocket message over MAX_BODY_BYTES closes the socket with 1009 (message too big);
+    # a peer that leaves a ping unanswered for WS_PING_SECONDS is dropped (0: no pings).
+    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.max_body_bytes,
+                                         "ping_interval": settings.ws_ping_seconds or None}
 
     # Each version is probed for micro-batching as it loads (the registry imports nothing
     # above it: it takes the probe as a hook).
@@ -84,8 +90,16 @@ def create_app(settings: Settings | None = None) -> Flask:
                           settings.model_timeout_seconds)
     dataplane.sync_cache()
     events = EventLog(settings.runtime_dir)
+    plog = None
+    if settings.prediction_log_url:
+        plog = PredictionLog(
+            LogStore(settings.prediction_log_url), sample=settings.prediction_log_sample,
+            inputs=settings.prediction_log_inputs.strip().lower() not in {"off", "0", "false"},
+            buffer_rows=settings.prediction_log_buffer_rows,
+            flush_seconds=settings.prediction_log_flush_seconds,
+            retention_days=settings.prediction_log_retention_days, offload=offload)
     front = FrontDoor(registry, dataplane, Limits(settings.max_batch, settings.stream_max_rows,
-                                                  settings.default_model))
+                                                  settings.default_model), plog)
 
     def after_reload(report: ReloadReport) -> None:
         dataplane.on_reload(report)
@@ -126,9 +140,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     install_cors(app, settings)
     for blueprint in (health.bp, models.bp, predict.bp, experiments.bp, stream.bp, ws.bp,
                       v2_oip.bp, v1_tfserving.bp, tokens.bp, train.bp, admin.bp, docs.bp,
-                      dashboard.bp):
+                      dashboard.bp, predictions.bp):
         app.register_blueprint(blueprint)
     reloader.start()
     live.start()
+    if plog is not None:
+        plog.start()
     prometheus.start_flushing()
     return app

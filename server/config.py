@@ -106,6 +106,31 @@ class Settings(BaseSettings):
         "live figures, Prometheus files (gunicorn.conf.py makes one when unset)."
     )
     log_level: str = Field("INFO", description="Python log level name.")
+    data_dir: Path = Field(
+        Path("data"), description="Where the server keeps its own files: the SQLite "
+        "prediction log (predictions.db) unless PREDICTION_LOG names another place."
+    )
+    prediction_log: str = Field(
+        "", description="The prediction log: sqlite:///path, postgresql://user:pass@host/db, "
+        "or 'off'; unset = sqlite under DATA_DIR."
+    )
+    prediction_log_sample: float = Field(
+        1.0, ge=0, le=1, description="Share of requests whose rows are logged (0-1)."
+    )
+    prediction_log_inputs: str = Field(
+        "on", description="'off' stores a SHA-256 of each row's features instead of the "
+        "features (inputs may be personal data; training from feedback then needs them)."
+    )
+    prediction_log_retention_days: float = Field(
+        7, ge=0, description="Rows older than this are deleted by a periodic pass; 0 = keep."
+    )
+    prediction_log_buffer_rows: int = Field(
+        100_000, ge=1, description="Rows one worker buffers while the database is slow or "
+        "down; beyond it the oldest are dropped (prediction_log_dropped_total)."
+    )
+    prediction_log_flush_seconds: float = Field(
+        0.5, gt=0, description="How often a worker writes its buffered rows (one transaction)."
+    )
     # The deepest legitimate body is 5 levels (the Open Inference envelope around a 2-D
     # tensor); 32 leaves room for any client while staying far below the parser's own
     # limit (~255, with a vaguer message) and anything a recursive walk could trip on.
@@ -116,6 +141,14 @@ class Settings(BaseSettings):
     @property
     def cache_enabled(self) -> bool:
         return self.cache.strip().lower() not in {"off", "0", "false", "no"}
+
+    @property
+    def prediction_log_url(self) -> str:
+        """PREDICTION_LOG, '' when off, sqlite under DATA_DIR when unset."""
+        url = self.prediction_log.strip()
+        if url.lower() in {"off", "0", "false", "no"}:
+            return ""
+        return url or f"sqlite:///{self.data_dir / 'predictions.db'}"
 
     @cached_property
     def websocket_cap(self) -> int:

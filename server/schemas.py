@@ -4,9 +4,20 @@ nothing."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional, Union
+import math
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    model_validator,
+)
 
 from server.errors import MESSAGE_CHARS, echo
 
@@ -97,7 +108,8 @@ class ABRequest(BaseModel):
 
 
 class OutcomeRequest(BaseModel):
-    """An observed outcome for a user: 0/1 (conversion) or any number (revenue, time...)."""
+    """An observed outcome for a user the experiment served: 0/1 (conversion) or any number
+    (revenue, time...). One per user; it counts for the arm that served them."""
 
     model_config = _STRICT
     user_id: UserId
@@ -106,12 +118,89 @@ class OutcomeRequest(BaseModel):
 
 
 
+def parse_time(raw: Any) -> float:
+    """A point in time: Unix seconds (a number or its text) or ISO 8601 text
+    (``2026-12-03T10:00:00Z``; no zone = UTC)."""
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise ValueError("a time is ISO 8601 text or Unix seconds")
+    if isinstance(raw, str):
+        try:
+            value = float(raw)
+        except ValueError:
+            try:
+                when = datetime.fromisoformat(raw.strip())
+            except ValueError:
+                raise ValueError(f"not a time: '{echo(raw)}' (ISO 8601 or Unix seconds)"
+                                 ) from None
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            return when.timestamp()
+    else:
+        value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError(f"not a time: '{echo(str(raw))}'")
+    return value
+
+
+def _time(value: Any) -> Any:
+    return None if value is None else parse_time(value)
+
+
+# Unix seconds once validated; ISO 8601 text or Unix seconds on the way in.
+Time = Annotated[Optional[float],
+                 BeforeValidator(_time, json_schema_input_type=str | float | None)]
+
+
 class TrainRequest(BaseModel):
-    """What to train: a model that exists, for 1..1000 epochs."""
+    """What to train: a model that exists, for 1..1000 epochs, on the model's training data
+    (``source: repository``) or on the labelled rows of the prediction log (``feedback``)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     model: str = Field(min_length=1, max_length=128, description="Model name.")
     epochs: int = Field(10, ge=1, le=1000, description="Passes over the training rows.")
+    source: Literal["repository", "feedback"] = Field(
+        "repository", description="'repository': the model's data/train.csv (or the CSV "
+        "posted as the body); 'feedback': the prediction log's rows that have a true label "
+        "or value (POST /feedback) and their features logged.")
+    since: Time = Field(None, description="With source 'feedback': only rows predicted at "
+                        "or after this time (ISO 8601, no zone = UTC, or Unix seconds).")
+    version: Version = Field(None, validation_alias=VERSION_NAMES,
+                             description="With source 'feedback': only rows predicted by "
+                             "this version (number or label); default: every version.")
+
+    @model_validator(mode="after")
+    def _feedback_only(self) -> TrainRequest:
+        if self.source != "feedback" and (self.since is not None or self.version is not None):
+            raise ValueError("'since' and 'version' choose prediction log rows: they need "
+                             "\"source\": \"feedback\"")
+        return self
+
+
+class FeedbackItem(BaseModel):
+    """The truth for one logged prediction: a class (``label``) or a number (``value``)."""
+
+    model_config = _STRICT
+    request_id: str = Field(min_length=1, max_length=128,
+                            description="The id the prediction was answered with.")
+    row: int = Field(0, ge=0, le=1_000_000_000,
+                     description="The row of a batch (0 for a single prediction).")
+    label: Optional[Union[str, int]] = Field(
+        None, description="The true class, as the answer's `label` names it.")
+    value: Optional[float] = Field(None, ge=-1e300, le=1e300,
+                                   description="The true value, for a regressor.")
+
+    @model_validator(mode="after")
+    def _one_truth(self) -> FeedbackItem:
+        if (self.label is None) == (self.value is None):
+            raise ValueError("send exactly one of 'label' (a class) or 'value' (a number)")
+        if isinstance(self.label, str) and not 1 <= len(self.label) <= 256:
+            raise ValueError("'label' must be 1 to 256 characters")
+        return self
+
+
+class FeedbackBatch(BaseModel):
+    model_config = _STRICT
+    items: list[FeedbackItem] = Field(min_length=1, max_length=10_000)
 
 
 def error_details(errors: list[Any]) -> list[dict[str, Any]]:
@@ -312,7 +401,7 @@ class ExperimentsResponse(BaseModel):
 
 
 class OutcomeResponse(BaseModel):
-    """The outcome as recorded, against the user's arm."""
+    """The outcome as recorded, against the arm that served the user."""
 
     experiment: str
     user_id: str

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,9 @@ import requests
 from server.jobs.demo import write_demo
 
 ROOT = Path(__file__).resolve().parent.parent
+# An app built in a test process (the Flask test client) logs nothing unless a test asks;
+# LiveServer turns the log on, in the test's own directory.
+os.environ.setdefault("PREDICTION_LOG", "off")
 ADMIN_TOKEN = "test-admin-token"
 
 
@@ -57,6 +61,8 @@ def wait_until(check: Callable[[], Any], timeout: float = 20.0, every: float = 0
 class Process:
     """A child process we started and stop by PID (SIGTERM, then SIGKILL)."""
 
+    user: str | None = None  # run as this user (PostgreSQL refuses to run as root)
+
     def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
         self.argv, self.env, self.log = argv, env, log
         self.proc: subprocess.Popen[bytes] | None = None
@@ -64,7 +70,8 @@ class Process:
     def start(self) -> Process:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         user=self.user)
         return self
 
     @property
@@ -100,7 +107,9 @@ class LiveServer(Process):
         full = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "API_KEYS"}}
         full.update({"BIND": f"127.0.0.1:{self.port}", "WORKERS": "2",
                      "MODEL_DIR": str(model_dir), "ADMIN_TOKEN": ADMIN_TOKEN,
-                     "RUNTIME_DIR": "", "PYTHONPATH": str(ROOT), "DRAIN_SECONDS": "0"})
+                     "RUNTIME_DIR": "", "PYTHONPATH": str(ROOT), "DRAIN_SECONDS": "0",
+                     # On, as in production, in the test's own directory (never in data/).
+                     "PREDICTION_LOG": f"sqlite:///{tmp / 'predictions.db'}"})
         full.update(env)
         tmp.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
@@ -198,6 +207,66 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
+    return found[-1].parent if found else None
+
+
+class PostgresServer(Process):
+    """A real PostgreSQL (Debian's ``postgresql`` package) on a free loopback port: a fresh
+    cluster in a temporary directory, fsync off, trust authentication for the loopback."""
+
+    def __init__(self) -> None:
+        bindir = _postgres_bin()
+        if bindir is None:
+            raise RuntimeError("PostgreSQL is not installed: scripts/test installs it with apt")
+        self.port = free_port()
+        # Its own directory outside pytest's (root-only) tmp tree: the server runs as
+        # 'postgres' when the tests run as root.
+        self.dir = Path(tempfile.mkdtemp(prefix="pg-"))
+        self.user = "postgres" if os.geteuid() == 0 else None
+        if self.user:
+            shutil.chown(self.dir, self.user, self.user)
+        data = self.dir / "data"
+        subprocess.run([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+                        "-E", "UTF8", "--no-sync"], check=True, capture_output=True,
+                       user=self.user, cwd=self.dir)
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        argv = [str(bindir / "postgres"), "-D", str(data), "-p", str(self.port),
+                "-k", str(self.dir), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+                "-c", "full_page_writes=off", "-c", "synchronous_commit=off"]
+        super().__init__(argv, dict(os.environ), self.dir / "postgres.log")
+
+    def start(self) -> PostgresServer:
+        super().start()
+        wait_until(self.ping, 30)
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.signal(signal.SIGINT)  # "fast" shutdown: SIGTERM waits for clients to leave
+        super().stop(timeout)
+
+    def ping(self) -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(self.url, connect_timeout=2) as conn:
+                return conn.execute("SELECT 1").fetchone() == (1,)
+        except psycopg.Error:
+            return False
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+    server.remove()
 
 
 @pytest.fixture(scope="session")

@@ -132,6 +132,11 @@ MODEL_TIME = Histogram("prediction_duration_seconds", "Model time of one predict
                                                       .01, .025, .05, .1, .25, .5, 1, 2.5, 10))
 LOAD_FAILURES = Counter("model_load_failures_total", "Model versions that failed to load.",
                         ["model"])
+LOG_WRITTEN = Counter("prediction_log_written_total", "Rows written to the prediction log.")
+LOG_DROPPED = Counter("prediction_log_dropped_total", "Rows the prediction log dropped: its "
+                      "per-worker buffer was full while the database was down or slow.")
+LOG_FAILURES = Counter("prediction_log_write_failures_total",
+                       "Prediction log writes that failed (retried later).")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # The method label's values; anything else counts as "other" (a client must not be able to
 # create a label value per made-up method).

@@ -20,6 +20,7 @@ from server.model.loaded import LoadedVersion
 from server.model.predict import RowInput, to_matrix
 from server.model.registry import ModelRegistry
 from server.serving.dataplane import DataPlane, Outcome
+from server.serving.predlog import Origin, PredictionLog
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,11 @@ class FrontDoor:
     """Target, rows, limits, prediction and readiness, the same for every protocol."""
 
     def __init__(self, registry: ModelRegistry, dataplane: DataPlane,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, log: PredictionLog | None = None) -> None:
         self.registry = registry
         self.dataplane = dataplane
         self.limits = limits or Limits()
+        self.log = log  # the prediction log; None when PREDICTION_LOG=off
         self.draining = False  # SIGTERM received: not ready, no new long-lived streams
 
     # -- the target ------------------------------------------------------------------------
@@ -88,9 +90,19 @@ class FrontDoor:
         self.check_rows(len(rows), loc, limit)
         return to_matrix(lv, rows, loc)
 
-    def predict(self, lv: LoadedVersion, X: np.ndarray, loc: list[Any]) -> Outcome:
-        """The data plane's answers for a matrix built for ``lv`` (through the cache)."""
-        return self.dataplane.predict_resolved(lv, X, loc)
+    def predict(self, lv: LoadedVersion, X: np.ndarray, loc: list[Any],
+                origin: Origin | None = None) -> Outcome:
+        """The data plane's answers for a matrix built for ``lv`` (through the cache), logged
+        as coming from ``origin``."""
+        outcome = self.dataplane.predict_resolved(lv, X, loc)
+        if origin is not None:
+            self.record(outcome, X, origin)
+        return outcome
+
+    def record(self, outcome: Outcome, X: np.ndarray, origin: Origin) -> None:
+        """Queue the rows for the prediction log (a no-op when it is off)."""
+        if self.log is not None:
+            self.log.record(outcome, X, origin)
 
     # -- readiness ---------------------------------------------------------------------------
     def readiness(self) -> Readiness:

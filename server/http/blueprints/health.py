@@ -26,7 +26,9 @@ def ready() -> Response:
     st = state()
     ready = st.front.readiness()
     body = {"status": "ready" if ready.ok else "not_ready", "models": ready.models,
-            "failed": ready.failed, "cache": st.dataplane.cache_status()["state"]}
+            "failed": ready.failed, "cache": st.dataplane.cache_status()["state"],
+            # Shown, never a reason to be unready: predictions do not depend on the log.
+            "prediction_log": st.front.log.state if st.front.log is not None else "off"}
     if ready.reason is not None:
         body["reason"] = ready.reason
     return json_response(body, 200 if ready.ok else 503)
@@ -63,4 +65,5 @@ def status() -> Response:
         "cache": st.dataplane.cache_status(),
         "blas_threads": blas_threads(),
         "micro_batching": st.dataplane.batcher.status() if st.dataplane.batcher else None,
+        "prediction_log": st.front.log.status() if st.front.log is not None else {"state": "off"},
     })

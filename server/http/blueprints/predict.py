@@ -8,6 +8,7 @@ from server.http.auth import require_api_key
 from server.http.blueprints.experiments import through_experiment
 from server.http.body import query_version, read_json, read_target, row_features
 from server.http.context import adopt_request_id, json_response, request_id, state
+from server.http.origin import origin
 from server.protocols import native
 from server.schemas import BatchRequest, PredictRequest
 from server.serving.dataplane import Outcome
@@ -42,7 +43,8 @@ def predict(model: str | None = None, version: str | None = None) -> Response:
             return through_experiment(experiment.name, user_id, req.features)
     lv = read_target(front, model, req.model, version, req.version,
                      "'model' in the body or /predict/<model>")
-    outcome = front.predict(lv, front.matrix(lv, [req.features], ["features"]), ["features"])
+    outcome = front.predict(lv, front.matrix(lv, [req.features], ["features"]), ["features"],
+                            origin("native"))
     _note(outcome)
     return json_response(native.predict_answer(outcome, request_id()),
                          headers={"X-Cache": g.cache})
@@ -56,6 +58,7 @@ def batch() -> Response:
     req = native.validate(BatchRequest, payload, row_features(front, payload))
     adopt_request_id(req.request_id)
     lv = read_target(front, None, req.model, None, req.version, "'model' in the body")
-    outcome = front.predict(lv, front.matrix(lv, req.instances, ["instances"]), ["instances"])
+    outcome = front.predict(lv, front.matrix(lv, req.instances, ["instances"]), ["instances"],
+                            origin("batch"))
     _note(outcome)
     return json_response(native.batch_answer(outcome, request_id()))

@@ -24,6 +24,7 @@ from server.errors import ApiError
 from server.http.app import error_handlers
 from server.http.auth import require_api_key
 from server.http.context import json_response, state
+from server.http.origin import origin
 from server.protocols import tfserving as tf
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
@@ -58,11 +59,11 @@ def v1_models(rest: str) -> Response:
     sig = tf.choose_signature(lv, target.verb, name)
     if target.verb == "predict":
         X, key = tf.predict_matrix_of(lv, body, front.check_rows)
-        outcome = front.predict(lv, X, [key])
+        outcome = front.predict(lv, X, [key], origin("tfserving"))
         answer = tf.predict_answer(sig, outcome.results, key)
     else:
         X = tf.examples_matrix(lv, body, front.check_rows)
-        outcome = front.predict(lv, X, ["examples"])
+        outcome = front.predict(lv, X, ["examples"], origin("tfserving"))
         answer = (tf.classify_answer(outcome.results) if target.verb == "classify"
                   else tf.regress_answer(outcome.results))
     g.cache = "HIT" if outcome.cached else "MISS"

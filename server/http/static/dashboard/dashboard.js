@@ -9,6 +9,7 @@
   const RATE_SECONDS = 5;      // rows/s per model and version: averaged over this long
   const CACHE_RECENT_SECONDS = 10;
   const EXPERIMENT_POLL_MS = 3000;
+  const QUALITY_POLL_MS = 10000;
   const MAX_EVENTS = 60;
   const TOKEN_KEY = "dashboard.adminToken";  // sessionStorage only: gone with the tab
   const SERVER_EVENTS = ["version_added", "version_changed", "version_removed", "model_failed",
@@ -522,6 +523,7 @@
       }
     }
     renderModels();
+    refreshQuality();
     fillModelSelect($("predict-model"));
     fillModelSelect($("train-model"));
     fillVersionSelect();
@@ -816,6 +818,35 @@
     replaceChildren($("experiments-body"), parts);
   }
 
+  // --- Quality from feedback -----------------------------------------------------------------
+  async function refreshQuality() {
+    const rows = [];
+    for (const m of state.models || []) {
+      for (const v of m.versions) {
+        if (v.state === "FAILED") continue;
+        let q;
+        try {
+          q = await api(`/models/${encodeURIComponent(m.name)}/versions/${v.version}/quality`);
+        } catch (err) {
+          if (err.status === 404 && err.body && err.body.code === "prediction_log_off") {
+            replaceChildren($("quality-body"), [el("tr", {}, el("td", {colSpan: 6,
+              className: "muted", text: "the prediction log is off (PREDICTION_LOG=off)"}))]);
+            return;
+          }
+          continue;
+        }
+        rows.push(el("tr", {dataset: {model: m.name, version: v.version}},
+          el("td", {text: m.name}), el("td", {text: "v" + v.version}),
+          el("td", {className: "num", text: fmt.num(q.labelled, 0)}),
+          el("td", {className: "num", text: q.accuracy == null ? "–" : fmt.pct(q.accuracy)}),
+          el("td", {className: "num", text: q.mae == null ? "–" : fmt.num(q.mae, 3)}),
+          el("td", {className: "num", text: q.rmse == null ? "–" : fmt.num(q.rmse, 3)})));
+      }
+    }
+    replaceChildren($("quality-body"), rows.length ? rows : [el("tr", {}, el("td", {
+      colSpan: 6, className: "muted", text: "no model versions"}))]);
+  }
+
   // --- Start ------------------------------------------------------------------------------
   $("predict-form").addEventListener("submit", predict);
   $("predict-model").addEventListener("change", fillVersionSelect);
@@ -831,6 +862,10 @@
   setInterval(() => {
     if (state.connections.monitor.state === "open" && !document.hidden) refreshExperiments();
   }, EXPERIMENT_POLL_MS);
+  // Each figure is a query of the prediction log's database: less often.
+  setInterval(() => {
+    if (state.connections.monitor.state === "open" && !document.hidden) refreshQuality();
+  }, QUALITY_POLL_MS);
 
   $("notice").addEventListener("submit", (event) => {
     event.preventDefault();
