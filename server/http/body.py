@@ -1,15 +1,22 @@
 """Reading a request body once, the same way for every view: size and depth limits, JSON,
-validation, and the model a request names."""
+validation, and the model a request names; uploads spooled to disk within a budget."""
 
 from __future__ import annotations
 
+import io
+import sys
+import tempfile
+import threading
 import zlib
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import IO, Any, cast
 
 import numpy as np
-from flask import Request, g, request
+from flask import Request, current_app, g, request
+from gunicorn.http.errors import NoMoreData, ParseException
 from werkzeug.exceptions import ClientDisconnected
+from werkzeug.utils import cached_property
+from werkzeug.wsgi import get_input_stream
 
 from server.errors import ApiError, validation_error
 from server.http.context import state
@@ -53,16 +60,23 @@ def refuse_deep_json(raw: bytes, depth: int | None = None) -> None:
                        "(MAX_JSON_DEPTH)")
 
 
+def gzipped(coding: str) -> bool:
+    """Whether a Content-Encoding is gzip (False for none); 415 for any other."""
+    coding = coding.strip().lower()
+    if coding in ("", "identity"):
+        return False
+    if coding not in ("gzip", "x-gzip"):
+        raise ApiError(415, "unsupported_media_type",
+                       f"Content-Encoding {coding!r} is not supported: send gzip or none")
+    return True
+
+
 def inflate(body: bytes, coding: str, limit: int | None) -> bytes:
     """A ``Content-Encoding: gzip`` body, inflated; MAX_BODY_BYTES applies to what comes
     out, and inflating stops one byte past it, so a gzip bomb costs at most the limit in
     memory (413), never the whole of it."""
-    coding = coding.strip().lower()
-    if coding in ("", "identity"):
+    if not gzipped(coding):
         return body
-    if coding not in ("gzip", "x-gzip"):
-        raise ApiError(415, "unsupported_media_type",
-                       f"Content-Encoding {coding!r} is not supported: send gzip or none")
     inflater = zlib.decompressobj(wbits=31)  # gzip framing
     cap = (limit if limit is not None else 1 << 62) + 1
     try:
@@ -77,11 +91,67 @@ def inflate(body: bytes, coding: str, limit: int | None) -> bytes:
     return out
 
 
+def body_error(exc: BaseException) -> ApiError | None:
+    """A failed read of the request body as the client's error, or None when it is not one.
+
+    gunicorn parses a chunked body while the app reads it, so its parse errors (a chunk size
+    that is not hex, a chunk without its CRLF, a bad extension or trailer) reach the view: 400
+    ``bad_body`` naming the problem, as a body cut short is. A client that stalls mid-body is
+    408 (the socket's CLIENT_TIMEOUT_SECONDS fired). werkzeug reports both of the latter as
+    ClientDisconnected, the socket's error as its context."""
+    cause = exc.__context__ if isinstance(exc, ClientDisconnected) else exc
+    if isinstance(cause, TimeoutError):
+        return ApiError(408, "request_timeout", "the client stopped sending its request body")
+    if isinstance(cause, ParseException):
+        return ApiError(400, "bad_body", f"the request body is malformed: {str(cause)[:100]}")
+    if isinstance(exc, ClientDisconnected) or isinstance(cause, NoMoreData):
+        return ApiError(400, "bad_body",
+                        "the request body ends early: the client closed the connection")
+    return None
+
+
+class CheckedBody(io.RawIOBase):
+    """The request body as every view reads it (``request.stream``, and ``get_data`` through
+    it), with failures to read it turned into the client's errors (``body_error``). After one,
+    gunicorn closes the connection: where the next request would start is unknown."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        super().__init__()
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        try:
+            return self._stream.read(-1 if size is None else size)
+        except Exception as exc:
+            error = body_error(exc)
+            if error is None:
+                raise
+            raise error from exc
+
+    def readline(self, size: int | None = -1, /) -> bytes:
+        try:
+            return self._stream.readline(-1 if size is None else size)
+        except Exception as exc:
+            error = body_error(exc)
+            if error is None:
+                raise
+            raise error from exc
+
+    def readinto(self, buffer: Any, /) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
 class BodyRequest(Request):
     """Reads a whole body the same way for every view that calls ``get_data``: a chunked body
-    cut at the size limit is refused (413), a client that stalls mid-body gets 408, and a body
-    read as JSON that nests deeper than MAX_JSON_DEPTH is refused (400) before any parser or
-    validator recurses into it. Streamed bodies (CSV, training data) use ``request.stream``.
+    cut at the size limit is refused (413), a malformed one is refused (400), a client that
+    stalls mid-body gets 408, and a body read as JSON that nests deeper than MAX_JSON_DEPTH is
+    refused (400) before any parser or validator recurses into it. Streamed bodies (CSV,
+    training data) use ``request.stream``, which reports a malformed body the same way.
 
     ``install`` gives each app a subclass that knows its MAX_JSON_DEPTH. Every predict reads
     its body here, so the checks look at the WSGI environ directly (no header objects, no
@@ -90,19 +160,18 @@ class BodyRequest(Request):
     _depth_checked = False
     max_json_depth = 32
 
+    @cached_property
+    def stream(self) -> IO[bytes]:  # type: ignore[override]
+        """werkzeug's guarded input stream (Content-Length, max_content_length), checked."""
+        raw = get_input_stream(self.environ, max_content_length=self.max_content_length)
+        return cast(IO[bytes], CheckedBody(raw))
+
     def get_data(  # type: ignore[override]
         self, cache: bool = True, as_text: bool = False, parse_form_data: bool = False
     ) -> bytes | str:
         if as_text:
             return super().get_data(cache, True, parse_form_data)
-        try:
-            body = super().get_data(cache, False, parse_form_data)
-        except ClientDisconnected as exc:
-            # The client socket's read timeout (CLIENT_TIMEOUT_SECONDS) fired mid-body.
-            if isinstance(exc.__context__, TimeoutError):
-                raise ApiError(408, "request_timeout",
-                               "the client stopped sending its request body") from exc
-            raise
+        body = super().get_data(cache, False, parse_form_data)
         environ = self.environ
         if not environ.get("CONTENT_LENGTH") or "HTTP_TRANSFER_ENCODING" in environ:
             limit = self.max_content_length
@@ -157,6 +226,122 @@ def read_json(form_ok: bool = False) -> Any:
     if as_form:  # not checked on the way in: only JSON-typed bodies are
         refuse_deep_json(body)
     return native.parse_json(body)
+
+
+SPOOL_MEMORY = 1 << 20  # an upload beyond 1 MB is spooled to disk, not kept in memory
+READ_STEP = 1 << 16  # bytes of an upload read from the socket at a time
+INFLATE_STEP = 1 << 20  # most bytes inflated at a time from a gzip upload
+
+
+class SpoolBudget:
+    """The bytes of uploads that one worker holds at once (CSV_SPOOL_MB): taken as an upload
+    arrives, given back when it is done with. One per app (``spool_budget``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        with self._lock:
+            if self.held + size > self.limit:
+                return False
+            self.held += size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._lock:
+            self.held -= size
+
+
+def spool_budget() -> SpoolBudget:
+    """This worker's CSV_SPOOL_MB budget, made with the first upload (after the fork)."""
+    extensions = current_app.extensions
+    budget: SpoolBudget | None = extensions.get("upload_spool")
+    if budget is None:
+        mb = state().settings.csv_spool_mb
+        budget = extensions["upload_spool"] = SpoolBudget(int(mb * (1 << 20)))
+    return budget
+
+
+class SpooledUpload:
+    """A request body copied to a temporary file (in memory up to SPOOL_MEMORY, then on
+    disk), its size held against the worker's budget until ``release``: every way out calls
+    it, an error before the answer, the answer's end, a client gone mid-answer."""
+
+    def __init__(self, budget: SpoolBudget) -> None:
+        self.file: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)
+        self.held = 0
+        self._budget = budget
+
+    def hold(self, size: int) -> None:
+        """Hold ``size`` more bytes: 503 while other uploads fill the budget, 413 when the
+        budget could never hold this one."""
+        budget = self._budget
+        if self.held + size > budget.limit:
+            raise ApiError(413, "body_too_large", f"request body larger than {budget.limit} "
+                           "bytes, all the uploads one worker may hold (CSV_SPOOL_MB)")
+        if not budget.take(size):
+            raise ApiError(503, "spool_full", f"this worker holds {budget.held} bytes of "
+                           "uploads (CSV_SPOOL_MB); retry shortly", headers={"Retry-After": "1"})
+        self.held += size
+
+    def release(self) -> None:
+        """Delete the file and give its bytes back (again: nothing more)."""
+        self.file.close()
+        held, self.held = self.held, 0
+        self._budget.give(held)
+
+
+def spool_upload(limit: int, setting: str, budget: SpoolBudget) -> SpooledUpload:
+    """The request body in a SpooledUpload, rewound; MAX_BODY_BYTES does not apply to it.
+
+    More than ``limit`` bytes (inflated, when sent gzip) is 413 naming ``setting``: before
+    anything is read when the Content-Length says so, else as the body arrives. A declared
+    length is held against ``budget`` at once, so a full spool refuses an upload before it is
+    sent; bytes beyond it (chunked, or inflated) are held as they arrive."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise _too_large(limit, setting)
+    inflating = gzipped(request.environ.get("HTTP_CONTENT_ENCODING", ""))
+    request.max_content_length = sys.maxsize  # None would fall back to MAX_BODY_BYTES
+    stream = request.stream
+    pieces: Iterator[bytes] = iter(lambda: stream.read(READ_STEP), b"")
+    upload = SpooledUpload(budget)
+    try:
+        upload.hold(declared or 0)
+        size = 0
+        for piece in _inflated(pieces) if inflating else pieces:
+            size += len(piece)
+            if size > limit:
+                raise _too_large(limit, setting)
+            if size > upload.held:
+                upload.hold(size - upload.held)
+            upload.file.write(piece)
+        upload.file.seek(0)
+    except BaseException:
+        upload.release()
+        raise
+    return upload
+
+
+def _too_large(limit: int, setting: str) -> ApiError:
+    return ApiError(413, "body_too_large", f"request body larger than {limit} bytes ({setting})")
+
+
+def _inflated(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    """A gzip body's pieces inflated, INFLATE_STEP bytes at most at a time: a gzip bomb is
+    counted (and refused at the limit) as it inflates, never held whole."""
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        for piece in pieces:
+            while piece:
+                yield inflater.decompress(piece, INFLATE_STEP)
+                piece = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise ApiError(400, "bad_gzip", f"the gzip body cannot be read: {exc}") from exc
+    if not inflater.eof:
+        raise ApiError(400, "bad_gzip", "the gzip body ends before its end")
 
 
 def read_target(front: FrontDoor, path_model: str | None, body_model: str | None,

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,7 +10,7 @@ from flask import Blueprint, Response, g, request
 
 from server.errors import ApiError
 from server.http.auth import require_api_key_or_token
-from server.http.body import read_json, read_target, row_features
+from server.http.body import read_json, read_target, row_features, spool_budget, spool_upload
 from server.http.context import adopt_request_id, counted, sse_response, state
 from server.protocols import native, sse
 from server.protocols.csvrows import feature_positions, open_csv, score_csv
@@ -23,8 +20,6 @@ from server.schemas import BatchRequest
 bp = Blueprint("stream", __name__)
 bp.before_request(require_api_key_or_token)
 bp.before_request(lambda: state().stream_slot())
-
-SPOOL_MEMORY = 1 << 20  # a CSV body beyond 1 MB is spooled to disk, not kept in memory
 
 
 @bp.post("/predict/stream")
@@ -48,8 +43,6 @@ def predict_stream() -> Response:
 def predict_csv() -> Response:
     st = state()
     front = st.front
-    # Streamed CSV bodies are not bound by MAX_BODY_BYTES (None would fall back to it).
-    request.max_content_length = sys.maxsize
     mimetype = request.mimetype
     if mimetype and mimetype not in {"text/csv", "text/plain", "application/csv",
                                      "application/octet-stream"}:
@@ -59,40 +52,42 @@ def predict_csv() -> Response:
     g.model = name
     lv = front.resolve(name, request.args.get("version") or None)
     g.version = lv.version
-    body = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)
-    shutil.copyfileobj(request.stream, body, 1 << 16)
-    body.seek(0)
-    header, reader = open_csv(body)
-    positions = feature_positions(lv, header)
-
-    def predict(X: Any) -> list[dict[str, Any]]:
-        return front.predict(lv, X, ["csv"]).results
-
-    chunks = score_csv(lv, body, predict, positions, header, reader)
-    if "text/event-stream" in request.headers.get("Accept", ""):
-        return sse_response(_csv_progress(chunks, body))
-    return Response(counted(_closing(chunks, body)), mimetype="text/csv",
-                    headers={"Content-Disposition": f'attachment; filename="{name}-scored.csv"'})
-
-
-def _closing(chunks: Iterator[tuple[str, int, int, int]], body: Any) -> Iterator[str]:
+    # The whole body is read before the answer starts: a client sends all of it before it
+    # reads anything, and an answer written meanwhile would fill its socket and stall both.
+    upload = spool_upload(st.settings.csv_max_bytes, "CSV_MAX_BYTES", spool_budget())
     try:
-        for text, *_ in chunks:
-            yield text
-            time.sleep(0)
-    finally:
-        body.close()
+        header, reader = open_csv(upload.file)
+        positions = feature_positions(lv, header)
+
+        def predict(X: Any) -> list[dict[str, Any]]:
+            return front.predict(lv, X, ["csv"]).results
+
+        chunks = score_csv(lv, upload.file, predict, positions, header, reader)
+        if "text/event-stream" in request.headers.get("Accept", ""):
+            response = sse_response(_csv_progress(chunks))
+        else:
+            response = Response(counted(_texts(chunks)), mimetype="text/csv", headers={
+                "Content-Disposition": f'attachment; filename="{name}-scored.csv"'})
+    except BaseException:
+        upload.release()
+        raise
+    # Runs however the answer ends, also when its body never started.
+    response.call_on_close(upload.release)
+    return response
 
 
-def _csv_progress(chunks: Iterator[tuple[str, int, int, int]], body: Any) -> Iterator[str]:
+def _texts(chunks: Iterator[tuple[str, int, int, int]]) -> Iterator[str]:
+    for text, *_ in chunks:
+        yield text
+        time.sleep(0)
+
+
+def _csv_progress(chunks: Iterator[tuple[str, int, int, int]]) -> Iterator[str]:
     rows = bad = 0
-    try:
-        for _, rows, bad, read in chunks:
-            yield sse.event({"rows": rows, "errors": bad, "bytes": read}, "progress")
-            time.sleep(0)
-        yield sse.event({"status": "complete", "rows": rows, "errors": bad})
-    finally:
-        body.close()
+    for _, rows, bad, read in chunks:
+        yield sse.event({"rows": rows, "errors": bad, "bytes": read}, "progress")
+        time.sleep(0)
+    yield sse.event({"status": "complete", "rows": rows, "errors": bad})
 
 
 @bp.get("/stream/events")

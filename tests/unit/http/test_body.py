@@ -1,8 +1,11 @@
-"""MAX_JSON_DEPTH: the bracket scan agrees with a real parse, costs a small part of one, and
-every view that reads a JSON body refuses a too-deep one with a 400 before parsing it."""
+"""Reading request bodies: the MAX_JSON_DEPTH bracket scan agrees with a real parse, costs a
+small part of one, and every view that reads a JSON body refuses a too-deep one with a 400
+before parsing it; a body the server cannot read (malformed chunks, cut short, stalled) is the
+client's error in every view; CSV uploads keep to CSV_MAX_BYTES and the CSV_SPOOL_MB budget."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import timeit
@@ -13,7 +16,15 @@ from typing import Any
 import orjson
 import pydantic_core
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
+from gunicorn.http.errors import (
+    ChunkMissingTerminator,
+    InvalidChunkExtension,
+    InvalidChunkSize,
+    LimitRequestHeaders,
+    NoMoreData,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -175,3 +186,195 @@ def test_chunked_body_past_the_limit_is_413_in_every_protocol(client: FlaskClien
                            headers={"Content-Type": "application/json"},
                            environ_overrides={"wsgi.input_terminated": True})
         assert resp.status_code == 413, (path, resp.get_data(as_text=True))
+
+
+class BrokenChunks(io.RawIOBase):
+    """A server's input stream that hands over ``head`` and then fails as gunicorn does on a
+    malformed chunked body."""
+
+    def __init__(self, head: bytes, error: Exception) -> None:
+        super().__init__()
+        self.head, self.error = head, error
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if not self.head:
+            raise self.error
+        n = min(len(buffer), len(self.head))
+        buffer[:n], self.head = self.head[:n], self.head[n:]
+        return n
+
+
+def streamed(stream: Any, length: int | None = None) -> dict[str, Any]:
+    """The environ of a body read from ``stream`` as gunicorn hands it over: chunked, or with
+    a Content-Length of ``length``."""
+    size = {"HTTP_TRANSFER_ENCODING": "chunked"} if length is None else \
+        {"CONTENT_LENGTH": str(length)}
+    return {"wsgi.input": stream, "wsgi.input_terminated": True, **size}
+
+
+# (id, gunicorn's error while the view reads, status, message part)
+BAD_BODIES: list[tuple[str, Exception, int, str]] = [
+    ("chunk-size-not-hex", InvalidChunkSize(b"zz"), 400, "Invalid chunk size"),
+    ("chunk-missing-crlf", ChunkMissingTerminator(b"XY"), 400, "chunk terminator"),
+    ("chunk-extension", InvalidChunkExtension("invalid chunk extension"), 400, "extension"),
+    ("trailer-too-large", LimitRequestHeaders("limit request trailer section size"), 400,
+     "trailer"),
+    ("cut-short", NoMoreData(), 400, "ends early"),
+    ("client-stalled", TimeoutError("timed out"), 408, "stopped sending"),
+]
+# (path, content type, head of the body) for every view that reads one
+READERS: list[tuple[str, str, bytes]] = [
+    ("/predict/iris", "application/json", b"[5.1,"),
+    ("/predict/batch", "application/json", b'{"model":"iris",'),
+    ("/predict/ab", "application/json", b'{"experiment":'),
+    ("/predict/stream", "application/json", b'{"model":"iris",'),
+    ("/predict/csv?model=iris", "text/csv", b"sepal length (cm),"),
+    ("/v1/models/iris:predict", "application/json", b'{"instances":'),
+    ("/v2/models/iris/infer", "application/json", b'{"inputs":'),
+]
+
+
+@pytest.mark.parametrize(("error", "status", "words"), [c[1:] for c in BAD_BODIES],
+                         ids=[c[0] for c in BAD_BODIES])
+@pytest.mark.parametrize(("path", "content_type", "head"), READERS,
+                         ids=[r[0] for r in READERS])
+def test_a_body_that_cannot_be_read_is_the_clients_error(
+    client: FlaskClient, path: str, content_type: str, head: bytes, error: Exception,
+    status: int, words: str,
+) -> None:
+    resp = client.post(path, headers={"Content-Type": content_type},
+                       environ_overrides=streamed(BrokenChunks(head, error)))
+    assert resp.status_code == status, resp.get_data(as_text=True)
+    payload = resp.get_json()
+    assert words in payload["error"]
+    if not path.startswith(("/v1", "/v2")):
+        assert payload["code"] == ("request_timeout" if status == 408 else "bad_body")
+
+
+def test_an_error_of_ours_while_reading_stays_a_500(client: FlaskClient) -> None:
+    resp = client.post("/predict/iris", headers={"Content-Type": "application/json"},
+                       environ_overrides=streamed(BrokenChunks(b"", RuntimeError("bug"))))
+    assert resp.status_code == 500 and resp.get_json()["code"] == "internal_error"
+
+
+CSV_MAX = 2000
+SPOOL_BYTES = 5000
+IRIS_HEADER = b"sepal_length,sepal_width,petal_length,petal_width\n"
+
+
+def iris_csv(size: int) -> bytes:
+    """An iris CSV of ``size`` bytes: rows of 16 bytes, then blank lines (no rows)."""
+    rows = IRIS_HEADER + b"5.1,3.5,1.4,0.2\n" * ((size - len(IRIS_HEADER)) // 16)
+    return rows + b"\n" * (size - len(rows))
+
+
+@pytest.fixture(scope="module")
+def csv_app(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Flask:
+    return create_app(Settings(model_dir=demo_repo, model_poll_seconds=0, cache="off",
+                               runtime_dir=str(tmp_path_factory.mktemp("csv-runtime")),
+                               csv_max_bytes=CSV_MAX, csv_spool_mb=SPOOL_BYTES / (1 << 20)))
+
+
+def held(app: Flask) -> int:
+    budget = app.extensions.get("upload_spool")
+    return 0 if budget is None else int(budget.held)
+
+
+class Unread(io.RawIOBase):
+    """A body that fails the test if anything reads it."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        raise AssertionError("the body was read")
+
+
+def post_csv(app: Flask, body: bytes | io.IOBase, length: int | None = None,
+             gzipped: bool = False) -> Any:
+    """POST /predict/csv: ``body`` as bytes (a Content-Length), or a stream sent chunked or
+    with the Content-Length ``length``. The answer stays open (its spool held) until closed."""
+    headers = {"Content-Type": "text/csv", **({"Content-Encoding": "gzip"} if gzipped else {})}
+    with app.test_client() as c:
+        if isinstance(body, bytes):
+            return c.post("/predict/csv?model=iris", data=body, headers=headers)
+        return c.post("/predict/csv?model=iris", headers=headers,
+                      environ_overrides=streamed(body, length))
+
+
+def test_csv_at_the_limit_is_scored_and_its_spool_given_back(csv_app: Flask) -> None:
+    resp = post_csv(csv_app, iris_csv(CSV_MAX))
+    assert resp.status_code == 200
+    assert resp.get_data(as_text=True).count("\n") == (CSV_MAX - len(IRIS_HEADER)) // 16 + 1
+    resp.close()
+    assert held(csv_app) == 0
+
+
+def test_csv_declared_past_the_limit_is_413_before_reading(csv_app: Flask) -> None:
+    resp = post_csv(csv_app, Unread(), CSV_MAX + 1)
+    assert resp.status_code == 413
+    payload = resp.get_json()
+    assert payload["code"] == "body_too_large"
+    assert payload["error"] == f"request body larger than {CSV_MAX} bytes (CSV_MAX_BYTES)"
+    assert held(csv_app) == 0
+
+
+@pytest.mark.parametrize("gzipped", [False, True], ids=["plain", "gzip"])
+def test_csv_growing_past_the_limit_is_413_as_it_arrives(csv_app: Flask, gzipped: bool) -> None:
+    body = iris_csv(CSV_MAX + 1)
+    resp = post_csv(csv_app, io.BytesIO(gzip.compress(body) if gzipped else body),
+                    gzipped=gzipped)
+    assert resp.status_code == 413, resp.get_data(as_text=True)
+    assert "CSV_MAX_BYTES" in resp.get_json()["error"]
+    assert held(csv_app) == 0
+
+
+def test_gzip_csv_is_inflated_and_a_gzip_bomb_stops_at_the_limit(csv_app: Flask) -> None:
+    body = iris_csv(CSV_MAX)
+    ok = post_csv(csv_app, io.BytesIO(gzip.compress(body)), gzipped=True)
+    assert ok.status_code == 200 and ok.get_data().startswith(IRIS_HEADER[:-1])
+    ok.close()
+    bomb = gzip.compress(IRIS_HEADER + b"0" * (64 << 20))  # 64 MB of zeros in ~64 KB
+    resp = post_csv(csv_app, io.BytesIO(bomb), gzipped=True)
+    assert resp.status_code == 413
+    cut = post_csv(csv_app, io.BytesIO(gzip.compress(body)[:-20]), gzipped=True)
+    assert cut.status_code == 400 and cut.get_json()["code"] == "bad_gzip"
+    assert held(csv_app) == 0
+
+
+def test_a_full_spool_refuses_a_new_upload_with_503_until_it_is_given_back(
+    csv_app: Flask,
+) -> None:
+    first = post_csv(csv_app, iris_csv(CSV_MAX))  # held until its answer is closed
+    assert first.status_code == 200 and held(csv_app) == CSV_MAX
+    second = post_csv(csv_app, iris_csv(CSV_MAX))
+    assert held(csv_app) == 2 * CSV_MAX
+    third = post_csv(csv_app, Unread(), CSV_MAX)
+    assert third.status_code == 503
+    assert third.headers["Retry-After"] == "1" and third.get_json()["code"] == "spool_full"
+    first.close()
+    assert held(csv_app) == CSV_MAX
+    again = post_csv(csv_app, iris_csv(CSV_MAX))
+    assert again.status_code == 200
+    for resp in (second, again):
+        resp.close()
+    assert held(csv_app) == 0
+
+
+@pytest.mark.parametrize(("body", "status"), [
+    (b"a,b\n1,2\n", 422),  # the header lacks the model's features
+    (b"", 422),
+    (b"\xff" * 10, 422),
+], ids=["bad-header", "empty", "not-text"])
+def test_a_refused_csv_gives_its_spool_back(csv_app: Flask, body: bytes, status: int) -> None:
+    assert post_csv(csv_app, body).status_code == status
+    assert held(csv_app) == 0
+
+
+def test_a_malformed_body_mid_csv_gives_its_spool_back(csv_app: Flask) -> None:
+    resp = post_csv(csv_app, BrokenChunks(iris_csv(1000), InvalidChunkSize(b"zz")))
+    assert resp.status_code == 400 and resp.get_json()["code"] == "bad_body"
+    assert held(csv_app) == 0
