@@ -296,6 +296,8 @@ class ReadyResponse(BaseModel):
     models: dict[str, list[str]] = Field(description="Servable versions per model.")
     failed: list[str] = Field(description="'model/version' artifacts that failed to load.")
     cache: str = Field(description="Cache state: ok, off, degraded...")
+    prediction_log: str = Field(description="The prediction log's state: ok, down, starting "
+                                "or off (never a reason to be unready).")
     reason: Optional[str] = Field(None, description="Why not ready.")
 
 
@@ -428,3 +430,55 @@ class ReloadResponse(BaseModel):
     removed: list[str]
     failed: list[str]
     models: dict[str, list[str]]
+
+
+class LoggedPrediction(BaseModel):
+    """One logged row: where it came from, what the model answered, and its feedback."""
+
+    id: int
+    time: str = Field(description="ISO 8601, UTC.")
+    request_id: str
+    row: int = Field(description="The row's index in its request.")
+    model: str
+    version: str
+    door: str = Field(description="native, batch, ab, stream, csv, tfserving, v2, websocket.")
+    experiment: Optional[str] = None
+    arm: Optional[str] = None
+    api_key: Optional[str] = Field(None, description="A hash of the API key, never the key.")
+    features: Optional[list[float]] = Field(None, description="null under "
+                                            "PREDICTION_LOG_INPUTS=off.")
+    features_sha256: str = Field(description="The first 32 hex digits of the row's SHA-256.")
+    output: dict[str, Any] = Field(description="The row's answer as the native API gives it.")
+    model_ms: Optional[float] = Field(None, description="Model time of the request's call.")
+    cache_hit: Optional[bool] = None
+    feedback: Optional[dict[str, Any]] = Field(None, description="{label, value, time}.")
+
+
+class PredictionsPage(BaseModel):
+    """Logged rows, newest first; ``next`` is the ``?cursor=`` of the following page."""
+
+    predictions: list[LoggedPrediction]
+    next: Optional[str] = None
+
+
+class FeedbackResponse(BaseModel):
+    """Per item: ``recorded`` or ``not_found`` (no logged row has that request id and row)."""
+
+    recorded: int
+    not_found: int
+    results: list[dict[str, Any]]
+
+
+class QualityResponse(BaseModel):
+    """Over the labelled rows of one version: accuracy and per-class precision, recall and
+    support for a classifier, MAE and RMSE for a regressor (null with nothing labelled)."""
+
+    model: str
+    version: str
+    task: str
+    since: Optional[str] = None
+    labelled: int
+    accuracy: Optional[float] = None
+    classes: Optional[dict[str, dict[str, Any]]] = None
+    mae: Optional[float] = None
+    rmse: Optional[float] = None

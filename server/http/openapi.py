@@ -30,7 +30,7 @@ JSON_BODY = (400, 413, 415, 422)
 MODEL = (404,)
 STREAM = (503,)
 # Paths the rate limit never counts (RATE_LIMIT); every other operation may answer 429.
-UNLIMITED = frozenset({"/health", "/ready", "/metrics"})
+UNLIMITED = frozenset({"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 ERROR_TEXT = {
     400: "Malformed JSON or an empty body.",
@@ -38,6 +38,7 @@ ERROR_TEXT = {
     403: "Admin endpoints are off: ADMIN_TOKEN is not set.",
     404: "Unknown model, version, label, experiment or route.",
     413: "Body larger than MAX_BODY_BYTES, or more rows than the endpoint takes.",
+    409: "Conflicts with what the server holds (e.g. an outcome already recorded).",
     415: "Wrong Content-Type.",
     422: "Valid JSON that does not fit: wrong feature count, NaN, infinity, non-numbers, "
          "unknown fields. ``details`` says where.",
@@ -157,7 +158,10 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("POST", "/experiments/{name}/outcome", "Record an outcome for a user's arm",
               ("experiments",), {200: _json(s.OutcomeResponse)},
               request=(_json(s.OutcomeRequest, conversion={"user_id": "u42", "value": 1}),),
-              params=(EXPERIMENT_P,), errors=JSON_BODY + MODEL),
+              params=(EXPERIMENT_P,), errors=JSON_BODY + MODEL + (409,),
+              description="One outcome per user the experiment served, counted for the arm "
+                          "that served them: `409 not_served` for a user it never served, "
+                          "`409 outcome_recorded` for a second outcome."),
     Operation("POST", "/auth/stream-token", "A stream token for browsers",
               ("streaming",), {200: _json(s.StreamTokenResponse)},
               description="Browsers cannot put an API key on an EventSource or a WebSocket: "
@@ -174,7 +178,32 @@ OPERATIONS: tuple[Operation, ...] = (
               {200: _json(s.ReadyResponse), 503: _json(s.ReadyResponse, "Not ready (yet).")},
               security="open"),
     Operation("GET", "/status", "Uptime, predictions served, models, cache state",
-              ("operations",), {200: _json(s.StatusResponse)}, security="open"),
+              ("operations",), {200: _json(s.StatusResponse)}),
+    # --- monitoring -----------------------------------------------------------------------
+    Operation("GET", "/predictions", "The prediction log, newest first", ("monitoring",),
+              {200: _json(s.PredictionsPage)},
+              params=tuple(Param(n, "query", d) for n, d in (
+                  ("model", "Only this model."), ("version", "Only this version."),
+                  ("since", "From this time (ISO 8601 or Unix seconds)."),
+                  ("until", "Before this time."), ("request_id", "Only this request's rows."),
+                  ("limit", "Rows per page, 1-1000 (100)."),
+                  ("cursor", "The previous page's `next`."))),
+              security="admin", errors=(404, 422, 503)),
+    Operation("POST", "/feedback", "The truth for logged predictions", ("monitoring",),
+              {200: _json(s.FeedbackResponse)},
+              request=(_json(s.FeedbackItem, one={"request_id": "r-1", "label": "setosa"},
+                             regressor={"request_id": "r-2", "value": 151.3}),
+                       _json(s.FeedbackBatch, many={"items": [
+                           {"request_id": "r-1", "label": "setosa"},
+                           {"request_id": "r-3", "row": 2, "label": "virginica"}]})),
+              errors=JSON_BODY + (404, 503),
+              description="An unknown request id is `not_found` in its item's result and "
+                          "fails none of the others."),
+    Operation("GET", "/models/{model}/versions/{version}/quality",
+              "Accuracy or MAE/RMSE over the labelled predictions", ("monitoring",),
+              {200: _json(s.QualityResponse)},
+              params=(MODEL_P, VERSION_P, Param("since", "query", "From this time.")),
+              errors=MODEL + (422, 503)),
     Operation("GET", "/metrics", "Prometheus metrics, summed over every worker",
               ("operations",), {200: Body(media="text/plain", schema=TEXT,
                                           description="Prometheus text exposition format.")},
@@ -216,7 +245,7 @@ OPERATIONS: tuple[Operation, ...] = (
               request=(Body(media=CSV, schema=TEXT,
                             description="A header row of feature names, then one row per line."),),
               params=(Param("model", "query", "Model name.", "iris"), VERSION_Q),
-              errors=(400, 404, 415, 422) + STREAM),
+              errors=(400, 404, 413, 415, 422) + STREAM),
     Operation("GET", "/stream/events", "Live server events (reloads, new versions, metrics)",
               ("streaming",), {200: SSE_BODY}, errors=STREAM),
     # --- this document --------------------------------------------------------------------

@@ -22,8 +22,13 @@ from server.model.loaded import LoadedVersion
 DTYPES = {"FP64": "<f8", "FP32": "<f4", "INT64": "<i8", "INT32": "<i4", "INT16": "<i2",
           "INT8": "i1", "UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
           "FP16": "<f2", "BOOL": "?"}
-NUMERIC_INPUTS = {"FP64", "FP32", "FP16", "INT64", "INT32", "INT16", "INT8", "UINT8",
-                  "UINT16", "UINT32", "UINT64"}
+FLOAT_INPUTS = {"FP64", "FP32", "FP16"}
+# The integers each integer datatype holds, as Python ints: compared exactly (2**63 is not
+# an INT64, though float64 cannot tell it from 2**63 - 1).
+INT_RANGES = {t: (int(np.iinfo(DTYPES[t]).min), int(np.iinfo(DTYPES[t]).max))
+              for t in ("INT64", "INT32", "INT16", "INT8", "UINT64", "UINT32", "UINT16", "UINT8")}
+INPUT_DTYPES = {*FLOAT_INPUTS, *INT_RANGES, "BOOL", "BYTES"}
+NON_FINITE = "is NaN or infinity"  # the same words for JSON and binary data
 
 
 def bad(message: str, status: int = 400) -> ApiError:
@@ -98,7 +103,7 @@ def _decode_one(tensor: dict[str, Any], binary: bytes, offset: int) -> tuple[np.
     if not isinstance(name, str):
         raise bad("every input needs a 'name'")
     dtype = tensor.get("datatype")
-    if dtype not in NUMERIC_INPUTS and dtype != "BYTES":
+    if dtype not in INPUT_DTYPES:
         raise bad(f"input '{name}': unsupported datatype {dtype!r}")
     shape = _shape(tensor)
     count = math.prod(shape)
@@ -118,7 +123,7 @@ def _decode_one(tensor: dict[str, Any], binary: bytes, offset: int) -> tuple[np.
             if size != count * item:
                 raise bad(f"input '{name}': {size} bytes for shape {shape} of {dtype} "
                           f"(expected {count * item})")
-            return np.frombuffer(raw, dtype=DTYPES[dtype]).astype("<f8").reshape(shape), offset
+            return _from_binary(raw, dtype, name).reshape(shape), offset
     else:
         if "data" not in tensor:
             raise bad(f"input '{name}' has no 'data'")
@@ -140,23 +145,59 @@ def _flatten(data: Any, name: str) -> list[Any]:
     return out
 
 
+def _from_binary(raw: bytes, dtype: str, name: str) -> np.ndarray:
+    """Raw little-endian tensor bytes as float64, held to what the JSON form may hold: no NaN
+    or infinity, and a BOOL is one byte 0 or 1. Integers fit their datatype by construction."""
+    if dtype == "BOOL":
+        raw_bytes = np.frombuffer(raw, dtype="u1")
+        _refuse_first(raw_bytes > 1, name, "is not a BOOL (a byte 0 or 1)")
+        return raw_bytes.astype("<f8")
+    values = np.frombuffer(raw, dtype=DTYPES[dtype])
+    if dtype in FLOAT_INPUTS:
+        _refuse_first(~np.isfinite(values), name, NON_FINITE)
+    return values.astype("<f8")
+
+
+def _refuse_first(wrong: np.ndarray, name: str, why: str) -> None:
+    """400 naming the first element of a tensor where ``wrong`` holds (vectorised check)."""
+    if wrong.any():
+        raise bad(f"input '{name}': element {int(np.argmax(wrong))} {why}")
+
+
 def _numbers(values: list[Any], dtype: str, name: str) -> np.ndarray:
+    """JSON data (or BYTES elements) as float64, each value checked against its datatype:
+    a number (a boolean for BOOL), finite, an integer within range for the integer types,
+    and representable in FP16/FP32 (70000 is no FP16: it would become infinity)."""
     out = np.empty(len(values), dtype="<f8")
+    bounds = INT_RANGES.get(dtype)
     for i, v in enumerate(values):
         if dtype == "BYTES":
             try:
                 v = float(v.decode() if isinstance(v, bytes) else v)
-            except (TypeError, ValueError, UnicodeDecodeError):
+            except (TypeError, ValueError, UnicodeDecodeError, OverflowError):
                 raise bad(f"input '{name}': element {i} is not a number") from None
+        elif dtype == "BOOL":
+            if not isinstance(v, bool):
+                raise bad(f"input '{name}': element {i} is not a boolean (BOOL)")
         elif isinstance(v, bool) or not isinstance(v, (int, float)):
             raise bad(f"input '{name}': element {i} is not a number ({dtype})")
-        elif dtype not in {"FP64", "FP32", "FP16"} and not float(v).is_integer():
-            raise bad(f"input '{name}': element {i} is not an integer ({dtype})")
-        out[i] = v
-    if not np.isfinite(out).all():
-        raise bad(f"input '{name}': NaN or infinity")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise bad(f"input '{name}': element {i} {NON_FINITE}")
+        if bounds is not None:
+            if isinstance(v, float) and not v.is_integer():
+                raise bad(f"input '{name}': element {i} is not an integer ({dtype})")
+            if not bounds[0] <= v <= bounds[1]:
+                raise bad(f"input '{name}': element {i} is out of range for {dtype} "
+                          f"[{bounds[0]}, {bounds[1]}]")
+        try:
+            out[i] = v
+        except OverflowError:  # an integer beyond float64 (JSON integers have no bound)
+            raise bad(f"input '{name}': element {i} is out of range for {dtype}") from None
     if dtype in ("FP32", "FP16"):  # the values the client's tensor holds, as in binary form
-        out = out.astype(DTYPES[dtype]).astype("<f8")
+        with np.errstate(over="ignore"):
+            narrowed = out.astype(DTYPES[dtype])
+        _refuse_first(~np.isfinite(narrowed), name, f"is out of range for {dtype}")
+        out = narrowed.astype("<f8")
     return out
 
 

@@ -12,6 +12,8 @@ import hashlib
 import logging
 import math
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -111,6 +113,15 @@ def _parse_one(name: str, spec: Any, registry: ModelRegistry) -> Experiment:
 
 
 # --- Counting ---------------------------------------------------------------------------------
+# How long a served user may report their outcome, from their last prediction through the
+# experiment (and how long their outcome keeps them from reporting another): outcomes
+# (a click, a purchase) come within days; a week bounds what is remembered.
+SERVED_TTL_SECONDS = 7 * 24 * 3600
+# Without Redis, the users one worker remembers per experiment; the least recently served
+# are forgotten first (they then get 409 not_served).
+MEMORY_SERVED_MAX = 100_000
+
+
 class ExperimentStats(Protocol):
     scope: str
 
@@ -121,6 +132,25 @@ class ExperimentStats(Protocol):
     def count_shadow(self, experiment: str, ok: bool, agreed: bool) -> None: ...
 
     def read(self, experiment: str) -> dict[str, float]: ...
+
+    def note_served(self, experiment: str, user_id: str, arm: str) -> None: ...
+
+    def claim_outcome(self, experiment: str, user_id: str) -> str: ...
+
+
+def not_served(experiment: str, user_id: str, per_worker: bool = False) -> ApiError:
+    why = ("; without REDIS_URL each worker knows only the users it served" if per_worker
+           else "")
+    return ApiError(409, "not_served",
+                    f"user '{user_id}' was not served by experiment '{experiment}' in the last "
+                    f"{SERVED_TTL_SECONDS // 86400} days: an outcome is taken only for a user "
+                    f"who got a prediction through the experiment{why}")
+
+
+def outcome_recorded(experiment: str, user_id: str) -> ApiError:
+    return ApiError(409, "outcome_recorded",
+                    f"an outcome for user '{user_id}' is already recorded in experiment "
+                    f"'{experiment}': one outcome per user")
 
 
 def _outcome_fields(arm: str, value: float) -> dict[str, float]:
@@ -149,14 +179,48 @@ class _Counting:
         self._add(experiment, _shadow_fields(ok, agreed))
 
 
+@dataclass
+class _Served:
+    arm: str
+    at: float  # when last served (the clock of MemoryStats)
+    outcome_at: float | None = None
+
+
 class MemoryStats(_Counting):
-    """Per-process counts (said so in the answers)."""
+    """Per-process counts and served users (said so in the answers)."""
 
     scope = "this worker"
 
-    def __init__(self) -> None:
+    def __init__(self, max_users: int = MEMORY_SERVED_MAX, ttl: float = SERVED_TTL_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._data: dict[str, dict[str, float]] = {}
+        # Per experiment, user -> what they were served, least recently served first.
+        self._served: dict[str, dict[str, _Served]] = {}
         self._lock = threading.Lock()
+        self.max_users, self.ttl, self.clock = max_users, ttl, clock
+
+    def note_served(self, experiment: str, user_id: str, arm: str) -> None:
+        now = self.clock()
+        with self._lock:
+            users = self._served.setdefault(experiment, {})
+            before = users.pop(user_id, None)  # re-inserted: most recently served last
+            outcome_at = before.outcome_at if before is not None else None
+            if outcome_at is not None and now - outcome_at > self.ttl:
+                outcome_at = None
+            users[user_id] = _Served(arm, now, outcome_at)
+            while len(users) > self.max_users:
+                del users[next(iter(users))]
+
+    def claim_outcome(self, experiment: str, user_id: str) -> str:
+        now = self.clock()
+        with self._lock:  # the check and the mark are one step: one outcome per user
+            served = self._served.get(experiment, {}).get(user_id)
+            if served is None or now - served.at > self.ttl:
+                raise not_served(experiment, user_id, per_worker=True)
+            if served.outcome_at is not None and now - served.outcome_at <= self.ttl:
+                raise outcome_recorded(experiment, user_id)
+            served.outcome_at = now
+            return served.arm
 
     def _add(self, experiment: str, fields: dict[str, float]) -> None:
         with self._lock:
@@ -171,13 +235,46 @@ class MemoryStats(_Counting):
 
 class RedisStats(_Counting):
     """Counts in one Redis hash per experiment (``ab:<experiment>``), summed over every worker
-    and host. A Redis fault loses those increments and is logged; it never fails a request."""
+    and host. A Redis fault loses those increments and is logged; it never fails a request.
+
+    Served users are keys ``ab:<experiment>:served:<user digest>`` (the arm, SETEX
+    SERVED_TTL_SECONDS, renewed at each prediction) and a recorded outcome is
+    ``ab:<experiment>:outcome:<user digest>`` set with NX: whichever worker or host sets it
+    first takes the outcome. Users are stored as a SHA-256 digest, never in clear."""
 
     scope = "all workers (redis)"
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, ttl: int = SERVED_TTL_SECONDS) -> None:
         self.client = client
+        self.ttl = ttl
         self.errors = 0
+
+    @staticmethod
+    def user_key(kind: str, experiment: str, user_id: str) -> str:
+        # A fixed-length digest last: no two (experiment, user) pairs share a key.
+        digest = hashlib.sha256(user_id.encode()).hexdigest()[:32]
+        return f"ab:{experiment}:{kind}:{digest}"
+
+    def note_served(self, experiment: str, user_id: str, arm: str) -> None:
+        try:
+            self.client.set(self.user_key("served", experiment, user_id), arm, ex=self.ttl)
+        except (redis.RedisError, OSError) as exc:
+            self.errors += 1
+            log.warning("served user not written", extra={"err": str(exc)[:200]})
+
+    def claim_outcome(self, experiment: str, user_id: str) -> str:
+        try:
+            arm = self.client.get(self.user_key("served", experiment, user_id))
+            if arm is None:
+                raise not_served(experiment, user_id)
+            first = self.client.set(self.user_key("outcome", experiment, user_id), arm,
+                                    nx=True, ex=self.ttl)
+        except (redis.RedisError, OSError) as exc:
+            raise ApiError(503, "stats_unavailable", f"experiment users unreadable: {exc}") \
+                from exc
+        if not first:
+            raise outcome_recorded(experiment, user_id)
+        return arm.decode() if isinstance(arm, bytes) else str(arm)
 
     def _add(self, experiment: str, fields: dict[str, float]) -> None:
         try:
@@ -304,6 +401,23 @@ class Experiments:
             raise ApiError(503, "experiment_invalid",
                            f"experiment '{name}' is invalid: {exp.error}")
         return exp
+
+    def note_served(self, exp: Experiment, arm: Arm, user_id: str) -> None:
+        """Remember that ``user_id`` got a prediction from ``arm``: their outcome is taken."""
+        self.stats.note_served(exp.name, user_id, arm.name)
+
+    def record_outcome(self, name: str, user_id: str, value: float) -> Arm:
+        """The outcome of a user the experiment served, counted once, against the arm that
+        served them (which a weight change since may no longer assign them)."""
+        exp = self.serving(name)
+        served = self.stats.claim_outcome(name, user_id)
+        arm = next((a for a in exp.arms if a.name == served), None)
+        if arm is None:
+            raise ApiError(409, "not_served",
+                           f"user '{user_id}' was served by arm '{served}', which experiment "
+                           f"'{name}' no longer has")
+        self.stats.count_outcome(name, arm.name, value)
+        return arm
 
     def view(self, name: str) -> dict[str, Any]:
         exp = self.get(name)

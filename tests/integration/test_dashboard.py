@@ -213,12 +213,16 @@ def test_charts_and_tables_fill_with_live_traffic(dash: Dashboard) -> None:
 
 
 def test_ab_arms_show_counts_outcome_rates_and_p_value(dash: Dashboard) -> None:
-    for i in range(90):  # new connections, so both workers count some of each arm
+    for i in range(90):
+        # A connection per user, so both workers count some of each arm; the outcome goes on
+        # the prediction's connection: without Redis only the worker that served a user
+        # takes their outcome.
         user = {"user_id": f"dash-{i}"}
-        assert dash.server.fresh("POST", "/predict/ab", json={
-            "experiment": "iris-ab", "features": [5.9, 3.0, 4.2, 1.5], **user}).ok
-        assert dash.server.fresh("POST", "/experiments/iris-ab/outcome",
-                                 json={**user, "value": int(i % 3 == 0)}).ok
+        with requests.Session() as conn:
+            assert conn.post(dash.server.url + "/predict/ab", timeout=10, json={
+                "experiment": "iris-ab", "features": [5.9, 3.0, 4.2, 1.5], **user}).ok
+            assert conn.post(dash.server.url + "/experiments/iris-ab/outcome", timeout=10,
+                             json={**user, "value": int(i % 3 == 0)}).ok
 
     def arms() -> dict[str, Any] | None:
         shown = dash.state("experiments") or {}

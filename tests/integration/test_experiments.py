@@ -122,17 +122,12 @@ def test_shadow_sees_traffic_and_its_failures_never_reach_the_caller(
     assert shadow("bad-shadow")["errors"] == 20
 
 
-def _arm_of(user: str) -> str:
-    exp = Experiment("iris-ab", "iris", (Arm("control", "1", 50), Arm("treatment", "2", 50)))
-    return exp.assign(user).name
-
-
 def test_binary_outcomes_match_scipy(ab_server: LiveServer) -> None:
     rng = np.random.default_rng(3)
     values = {"control": [], "treatment": []}  # type: dict[str, list[int]]
     for i in range(200):
         user = f"o-{i}"
-        arm = _arm_of(user)
+        arm = ab(ab_server, user)["arm"]  # an outcome is taken for a user the experiment served
         value = int(rng.random() < (0.3 if arm == "control" else 0.5))
         values[arm].append(value)
         resp = ab_server.fresh("POST", "/experiments/iris-ab/outcome",
@@ -156,10 +151,12 @@ def test_numeric_outcomes_use_welch_t_test(ab_server: LiveServer) -> None:
     values = {"control": [], "treatment": []}  # type: dict[str, list[float]]
     for i in range(120):
         user = f"n-{i}"
-        arm = _arm_of(user)
+        arm = ab(ab_server, user)["arm"]
         value = round(float(rng.normal(10 if arm == "control" else 11, 3)), 3)
         values[arm].append(value)
-        ab_server.post("/experiments/iris-ab/outcome", json={"user_id": user, "value": value})
+        resp = ab_server.post("/experiments/iris-ab/outcome", json={"user_id": user,
+                                                                   "value": value})
+        assert resp.status_code == 200 and resp.json()["arm"] == arm
     view = ab_server.get("/experiments/iris-ab").json()
     expected = stats.ttest_ind(values["treatment"], values["control"], equal_var=False).pvalue
     assert view["outcome_type"] == "numeric" and view["test"] == "welch_t"
@@ -183,6 +180,10 @@ def test_numeric_outcomes_use_welch_t_test(ab_server: LiveServer) -> None:
     ("/experiments/iris-ab/outcome", {"user_id": "u", "value": True}, 422, "validation_error"),
     ("/experiments/iris-ab/outcome", {"user_id": "u"}, 422, "validation_error"),
     ("/experiments/iris-ab/outcome", {"value": 1}, 422, "validation_error"),
+    ("/experiments/iris-ab/outcome", {"user_id": "never-served", "value": 1}, 409,
+     "not_served"),
+    ("/experiments/iris-ab/outcome", {"user_id": "u", "value": 1, "arm": "treatment"}, 422,
+     "validation_error"),
 ])
 def test_ab_bad_input(live_server: LiveServer, path: str, body: dict, status: int,  # type: ignore[type-arg]
                       code: str) -> None:

@@ -28,6 +28,7 @@ def through_experiment(experiment: str, user_id: str, features: RowInput) -> Res
     ``user_id``), the answer naming the experiment and the arm."""
     plane = state().dataplane
     outcome, exp, arm = plane.predict_ab(experiment, user_id, [features], ["features"])
+    plane.experiments.note_served(exp, arm, user_id)  # their outcome may now be recorded
     g.model, g.version = exp.model, outcome.model.version
     g.cache = "HIT" if outcome.cached else "MISS"
     g.model_seconds = outcome.model_seconds
@@ -57,6 +58,7 @@ def one_experiment(name: str) -> Response:
 @bp.post("/experiments/<name>/outcome")
 def record_outcome(name: str) -> Response:
     req = native.validate(OutcomeRequest, read_json())
-    arm = state().dataplane.record_outcome(name, req.user_id, req.value)
+    # Once per user the experiment served (409 otherwise), against the arm that served them.
+    arm = state().dataplane.experiments.record_outcome(name, req.user_id, req.value)
     return json_response({"experiment": name, "user_id": req.user_id, "arm": arm.name,
                           "value": req.value, "recorded": True, "request_id": request_id()})
