@@ -229,7 +229,10 @@ OPERATIONS: tuple[Operation, ...] = (
                            "model and epochs then go in the query."))),
               security="admin", errors=JSON_BODY + MODEL + STREAM,
               description="One event per epoch `{epoch, total_epochs, loss, accuracy}`, then "
-                          "`{status: complete, version}`; the new version serves at once."),
+                          "`{status: complete, version}`; the new version serves at once. "
+                          "`\"source\": \"feedback\"` trains on the prediction log's labelled "
+                          "rows (`since`, `version` narrow them); 503 while its database is "
+                          "down."),
     # --- streaming ------------------------------------------------------------------------
     Operation("POST", "/predict/stream", "Predict many rows as server-sent events",
               ("streaming",), {200: SSE_BODY},

@@ -4,15 +4,19 @@ at hand (a stream's rows are logged after the view has returned)."""
 from __future__ import annotations
 
 from server.http.auth import client_key
-from server.http.context import request_id, state
+from server.http.context import request_id as current_request_id
+from server.http.context import state
 from server.serving.predlog import Origin
 
 
-def origin(door: str, experiment: str | None = None, arm: str | None = None) -> Origin | None:
-    """The request's id, the door, and the API key's hash (never the key); None when the
-    prediction log is off, so that nothing is computed for it."""
+def origin(door: str, experiment: str | None = None, arm: str | None = None,
+           request_id: str | None = None) -> Origin | None:
+    """The request's id (or the protocol's own, e.g. a V2 request's ``id`` or a WebSocket
+    message's ``request_id``), the door, and the API key's hash (never the key); None when
+    the prediction log is off, so that nothing is computed for it."""
     if state().front.log is None:
         return None
     key = client_key() if state().settings.api_key_list else ""
-    return Origin(request_id(), door, key[4:] if key.startswith("key:") else None,
-                  experiment, arm)
+    rid = request_id if isinstance(request_id, str) and 0 < len(request_id) <= 128 \
+        else current_request_id()
+    return Origin(rid, door, key[4:] if key.startswith("key:") else None, experiment, arm)

@@ -33,8 +33,10 @@ class Outcome:
     produced is derived on first use."""
 
     def __init__(self, model: LoadedVersion, cached: int,
-                 answers: Columns | list[dict[str, Any]], model_seconds: float = 0.0) -> None:
+                 answers: Columns | list[dict[str, Any]], model_seconds: float = 0.0,
+                 X: np.ndarray | None = None) -> None:
         self.model = model
+        self.X = X  # the rows as predicted (the prediction log keeps their features)
         self.cached = cached
         self.model_seconds = model_seconds  # in the model call (0 when every row was cached)
         self._columns = answers if isinstance(answers, Columns) else None
@@ -83,10 +85,10 @@ class DataPlane:
         """Predict the rows of a matrix already built for ``lv`` (through the cache)."""
         if not self.cache.enabled:
             answers, seconds = self._call(lv, X, loc)
-            outcome = Outcome(lv, 0, answers, seconds)
+            outcome = Outcome(lv, 0, answers, seconds, X)
         else:
             results, cached, seconds = self._through_cache(lv, X, loc)
-            outcome = Outcome(lv, cached, results, seconds)
+            outcome = Outcome(lv, cached, results, seconds, X)
         count = len(outcome)
         cached = outcome.cached
         prometheus.child(prometheus.PREDICTIONS, lv.name, lv.version).inc(count)
@@ -104,7 +106,7 @@ class DataPlane:
         self, lv: LoadedVersion, X: np.ndarray, loc: list[Any]
     ) -> tuple[list[dict[str, Any]], int, float]:
         keys = row_keys(lv.name, lv.version, X)
-        found = [_decode(v) for v in self.cache.get_many(keys)]
+        found = [_decode(v) for v in self.cache.get_many(keys, lv)]
         missing = [i for i, r in enumerate(found) if r is None]
         if not missing:
             return found, len(found), 0.0  # type: ignore[return-value]
@@ -113,7 +115,7 @@ class DataPlane:
         for i, result in zip(missing, fresh):
             found[i] = result
         # A value that failed to decode counts as a miss and is overwritten here.
-        self.cache.set_many({keys[i]: orjson.dumps(r) for i, r in zip(missing, fresh)})
+        self.cache.set_many({keys[i]: orjson.dumps(r) for i, r in zip(missing, fresh)}, lv)
         return found, len(found) - len(missing), seconds  # type: ignore[return-value]
 
     def _call(self, lv: LoadedVersion, X: np.ndarray,
@@ -174,6 +176,7 @@ class DataPlane:
         arm = exp.assign(user_id)
         outcome = self.predict(exp.model, arm.version, rows, loc)
         self.experiments.stats.count_request(exp.name, arm.name)
+        self.experiments.note_served(exp, arm, user_id)  # their outcome may now be recorded
         return outcome, exp, arm
 
     def shadow(self, exp: Experiment, rows: Sequence[RowInput], primary: Outcome) -> None:
@@ -190,22 +193,19 @@ class DataPlane:
                         extra={"experiment": exp.name, "err": f"{type(exc).__name__}: {exc}"[:300]})
         self.experiments.stats.count_shadow(exp.name, ok, agreed)
 
-    def record_outcome(self, experiment: str, user_id: str, value: float) -> Arm:
-        exp = self.experiments.serving(experiment)
-        arm = exp.assign(user_id)
-        self.experiments.stats.count_outcome(exp.name, arm.name, value)
-        return arm
-
     def on_reload(self, report: ReloadReport) -> None:
-        """Forget answers of versions whose artifact changed or went away."""
+        """Forget answers of versions that went away or whose artifact changed."""
         if not report.touched:
             return
-        for key in (*report.changed, *report.removed):
+        for key in report.removed:
             model, version = key.rsplit("/", 1)
             self.cache.drop_version(model, version)
         self.sync_cache()
 
     def sync_cache(self) -> None:
+        """Tell the cache which artifact each loaded version is: it drops the answers of a
+        version recorded for another artifact (a changed one included), now or, if Redis is
+        out, once it is back."""
         shas = {(lv.name, lv.version): lv.sha256
                 for entry in self.registry.models.values() for lv in entry.versions.values()}
         self.cache.sync_versions(shas)

@@ -9,7 +9,7 @@ Transport-free: no Flask, no sockets. The HTTP layer reaches it as ``state().fro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,18 +91,33 @@ class FrontDoor:
         return to_matrix(lv, rows, loc)
 
     def predict(self, lv: LoadedVersion, X: np.ndarray, loc: list[Any],
-                origin: Origin | None = None) -> Outcome:
+                origin: Origin | None = None, first_row: int = 0) -> Outcome:
         """The data plane's answers for a matrix built for ``lv`` (through the cache), logged
-        as coming from ``origin``."""
+        as coming from ``origin`` (rows numbered from ``first_row``)."""
         outcome = self.dataplane.predict_resolved(lv, X, loc)
         if origin is not None:
-            self.record(outcome, X, origin)
+            self.record(outcome, X, origin, first_row)
         return outcome
 
-    def record(self, outcome: Outcome, X: np.ndarray, origin: Origin) -> None:
+    def record(self, outcome: Outcome, X: np.ndarray, origin: Origin,
+               first_row: int = 0) -> None:
         """Queue the rows for the prediction log (a no-op when it is off)."""
         if self.log is not None:
-            self.log.record(outcome, X, origin)
+            self.log.record(outcome, X, origin, first_row)
+
+    def chunk_predictor(self, lv: LoadedVersion, loc: list[Any], origin: Origin | None
+                        ) -> Callable[[np.ndarray], list[dict[str, Any]]]:
+        """For streams, which predict chunk by chunk: each chunk's answers, logged with the
+        request's running row numbers."""
+        done = 0
+
+        def predict(X: np.ndarray) -> list[dict[str, Any]]:
+            nonlocal done
+            outcome = self.predict(lv, X, loc, origin, done)
+            done += len(X)
+            return outcome.results
+
+        return predict
 
     # -- readiness ---------------------------------------------------------------------------
     def readiness(self) -> Readiness:

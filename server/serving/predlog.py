@@ -52,6 +52,7 @@ class _Entry:
     origin: Origin
     outcome: Outcome
     X: np.ndarray
+    first_row: int = 0  # the request's row index of X[0] (a stream logs chunk by chunk)
 
 
 class PredictionLog:
@@ -79,14 +80,16 @@ class PredictionLog:
         self._next_purge = time.time() + random.uniform(5, 60)  # workers spread their passes
 
     # -- the request path --------------------------------------------------------------------
-    def record(self, outcome: Outcome, X: np.ndarray, origin: Origin) -> None:
-        """Queue one request's rows (or none, by PREDICTION_LOG_SAMPLE)."""
-        if self.sample < 1.0 and random.random() >= self.sample:
+    def record(self, outcome: Outcome, X: np.ndarray, origin: Origin, first_row: int = 0
+               ) -> None:
+        """Queue one request's rows (or none, by PREDICTION_LOG_SAMPLE; a stream's chunks
+        are sampled by their request, so a request is logged whole or not at all)."""
+        if self.sample < 1.0 and (random.Random(origin.request_id).random() >= self.sample):
             return
         n = len(outcome)
         if n == 0:
             return
-        self._pending.append(_Entry(time.time(), origin, outcome, X))
+        self._pending.append(_Entry(time.time(), origin, outcome, X, first_row))
         self._pending_rows += n
         if self._pending_rows > self.buffer_rows:
             self._drop_oldest()
@@ -199,8 +202,8 @@ class PredictionLog:
                 digest = hashlib.sha256(X[i].tobytes()).hexdigest()[:32]
                 pred = result.get("prediction")
                 out.append((
-                    e.ts, o.request_id, i, lv.name, lv.version, o.door, o.experiment, o.arm,
-                    o.api_key,
+                    e.ts, o.request_id, e.first_row + i, lv.name, lv.version, o.door,
+                    o.experiment, o.arm, o.api_key,
                     orjson.dumps(features[i]).decode() if features is not None else None,
                     digest, orjson.dumps(result).decode(),
                     str(result.get("label", pred)) if classifier else None,

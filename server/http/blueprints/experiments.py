@@ -7,6 +7,7 @@ from flask import Blueprint, Response, g
 from server.http.auth import require_api_key
 from server.http.body import read_json
 from server.http.context import adopt_request_id, json_response, request_id, state
+from server.http.origin import origin
 from server.model.predict import RowInput
 from server.protocols import native
 from server.schemas import ABRequest, OutcomeRequest
@@ -26,9 +27,12 @@ def predict_ab() -> Response:
 def through_experiment(experiment: str, user_id: str, features: RowInput) -> Response:
     """One row predicted with the arm ``user_id`` lands in (/predict/ab, and /predict with a
     ``user_id``), the answer naming the experiment and the arm."""
-    plane = state().dataplane
+    st = state()
+    plane = st.dataplane
     outcome, exp, arm = plane.predict_ab(experiment, user_id, [features], ["features"])
-    plane.experiments.note_served(exp, arm, user_id)  # their outcome may now be recorded
+    where = origin("ab", exp.name, arm.name)
+    if where is not None and outcome.X is not None:
+        st.front.record(outcome, outcome.X, where)
     g.model, g.version = exp.model, outcome.model.version
     g.cache = "HIT" if outcome.cached else "MISS"
     g.model_seconds = outcome.model_seconds

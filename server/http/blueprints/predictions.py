@@ -17,7 +17,7 @@ from server.http.body import read_json
 from server.http.context import json_response, state
 from server.protocols import native
 from server.runtime.offload import offload
-from server.schemas import FeedbackBatch, FeedbackItem
+from server.schemas import FeedbackBatch, FeedbackItem, parse_time
 from server.serving.logstore import LogStore, LogUnavailable, Query
 from server.serving.predlog import PredictionLog, classifier_quality, regressor_quality
 
@@ -26,7 +26,7 @@ T = TypeVar("T")
 MAX_LIMIT = 1000
 
 
-def _log() -> PredictionLog:
+def prediction_log() -> PredictionLog:
     log = state().front.log
     if log is None:
         raise ApiError(404, "prediction_log_off",
@@ -34,9 +34,9 @@ def _log() -> PredictionLog:
     return log
 
 
-def _read(fn: Callable[[LogStore], T]) -> T:
+def read_log(fn: Callable[[LogStore], T]) -> T:
     """``fn`` on a connection of its own, in a native thread; the database down is a 503."""
-    store = LogStore(_log().store.url)
+    store = LogStore(prediction_log().store.url)
 
     def run() -> T:
         try:
@@ -58,19 +58,9 @@ def _time(name: str) -> float | None:
     if raw is None or raw == "":
         return None
     try:
-        value = float(raw)
-    except ValueError:
-        try:
-            when = datetime.fromisoformat(raw)
-        except ValueError:
-            raise validation_error(f"{name}: not a time: '{echo(raw)}' (ISO 8601 or Unix "
-                                   "seconds)", ["query", name]) from None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        return when.timestamp()
-    if not math.isfinite(value):
-        raise validation_error(f"{name}: not a time: '{echo(raw)}'", ["query", name])
-    return value
+        return parse_time(raw)
+    except ValueError as exc:
+        raise validation_error(f"{name}: {exc}", ["query", name]) from None
 
 
 def _int(name: str, default: int | None, low: int, high: int) -> int | None:
@@ -134,7 +124,7 @@ def predictions() -> Response:
               since=_time("since"), until=_time("until"),
               request_id=args.get("request_id") or None,
               before=_cursor(), limit=limit)
-    rows = _read(lambda store: store.query(q))
+    rows = read_log(lambda store: store.query(q))
     nxt = f"{rows[-1]['ts']!r}_{rows[-1]['id']}" if len(rows) == limit else None
     return json_response({"predictions": [_record(r) for r in rows], "next": nxt})
 
@@ -144,7 +134,7 @@ def feedback() -> Response:
     """The truth for logged predictions; an unknown request id is reported for its item and
     does not fail the others."""
     require_api_key()
-    _log()
+    prediction_log()
     payload = read_json()
     if isinstance(payload, dict) and "items" in payload:
         items = native.validate(FeedbackBatch, payload).items
@@ -152,7 +142,7 @@ def feedback() -> Response:
         items = [native.validate(FeedbackItem, payload)]
     truths = [(i.request_id, i.row,
                None if i.label is None else str(i.label), i.value) for i in items]
-    matched = _read(lambda store: store.feedback(truths))
+    matched = read_log(lambda store: store.feedback(truths))
     results = [{"request_id": i.request_id, "row": i.row,
                 "status": "recorded" if n else "not_found"}
                for i, n in zip(items, matched)]
@@ -166,7 +156,7 @@ def quality(model: str, version: str) -> Response:
     """Accuracy and per-class precision/recall (classifiers) or MAE/RMSE (regressors) over
     the labelled predictions of one version, since ``?since=``."""
     require_api_key()
-    _log()
+    prediction_log()
     g.model = model
     lv = state().front.resolve(model, version)
     g.version = lv.version
@@ -174,9 +164,9 @@ def quality(model: str, version: str) -> Response:
     body: dict[str, Any] = {"model": lv.name, "version": lv.version, "task": lv.task,
                             "since": _iso(since)}
     if lv.task == "classification":
-        confusion = _read(lambda store: store.confusion(lv.name, lv.version, since))
+        confusion = read_log(lambda store: store.confusion(lv.name, lv.version, since))
         body.update(classifier_quality(confusion, lv.class_names))
     else:
-        count, mae, mse = _read(lambda store: store.errors(lv.name, lv.version, since))
+        count, mae, mse = read_log(lambda store: store.errors(lv.name, lv.version, since))
         body.update(regressor_quality(count, mae, mse))
     return json_response(body)

@@ -12,6 +12,7 @@ from server.errors import ApiError
 from server.http.auth import require_api_key_or_token
 from server.http.body import read_json, read_target, row_features, spool_budget, spool_upload
 from server.http.context import adopt_request_id, counted, sse_response, state
+from server.http.origin import origin
 from server.protocols import native, sse
 from server.protocols.csvrows import feature_positions, open_csv, score_csv
 from server.runtime import figures
@@ -34,7 +35,7 @@ def predict_stream() -> Response:
     # Everything that can be wrong with the whole body is answered before the stream starts.
     X = front.matrix(lv, req.instances, ["instances"], front.limits.stream_max_rows)
     return sse_response(sse.prediction_events(
-        lambda part: front.predict(lv, part, ["instances"]).results,
+        front.chunk_predictor(lv, ["instances"], origin("stream")),
         X, st.settings.stream_chunk_rows, lambda n: st.figures.stream("rows", n),
     ))
 
@@ -59,9 +60,7 @@ def predict_csv() -> Response:
         header, reader = open_csv(upload.file)
         positions = feature_positions(lv, header)
 
-        def predict(X: Any) -> list[dict[str, Any]]:
-            return front.predict(lv, X, ["csv"]).results
-
+        predict = front.chunk_predictor(lv, ["csv"], origin("csv"))
         chunks = score_csv(lv, upload.file, predict, positions, header, reader)
         if "text/event-stream" in request.headers.get("Accept", ""):
             response = sse_response(_csv_progress(chunks))

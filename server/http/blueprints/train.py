@@ -1,7 +1,9 @@
 """POST /train/stream (admin): incremental training streamed as server-sent events.
 
-Everything a client can get wrong is checked before the stream starts, so it gets a JSON 4xx;
-after that, failures arrive as ``event: error`` and the stream still ends in ``[DONE]``.
+The rows come from the model's stored data, a posted CSV, or (``"source": "feedback"``) the
+prediction log's labelled rows, written to a temp CSV before the stream starts. Everything a
+client can get wrong is checked before the stream starts, so it gets a JSON 4xx; after that,
+failures arrive as ``event: error`` and the stream still ends in ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from flask import Blueprint, Response, g, request
 
 from server.errors import ApiError, echo, not_found, validation_error
 from server.http.auth import require_admin
+from server.http.blueprints.predictions import prediction_log, read_log
 from server.http.body import read_json
 from server.http.context import ServerState, sse_response, state
+from server.jobs import export
 from server.jobs.training import TARGET, data_path, train_events
 from server.model.repository import inside, is_valid_name
 from server.protocols import native, sse
@@ -29,6 +33,7 @@ bp = Blueprint("train", __name__)
 bp.before_request(require_admin)
 
 INT_RE = re.compile(r"^[+-]?[0-9]{1,18}$")
+QUERY_FIELDS = ("model", "epochs", "source", "since", "version", "model_version")
 
 
 @bp.post("/train/stream")
@@ -36,9 +41,13 @@ def train_stream() -> Response:
     st = state()
     st.stream_slot()
     posted: Path | None = None
+    started: dict[str, Any] = {}
     if request.mimetype == "text/csv":
         req = native.validate(TrainRequest, _query_payload())
         _check_model(st, req.model)
+        if req.source == "feedback":
+            raise validation_error("source=feedback trains on the prediction log: send no "
+                                   "CSV body", ["query", "source"])
         posted = _spool_body(st.settings.max_body_bytes)
         try:
             _check_header(st, req.model, posted)
@@ -46,13 +55,19 @@ def train_stream() -> Response:
             posted.unlink(missing_ok=True)
             raise
     else:
-        req = native.validate(TrainRequest, read_json())
+        # ``?model=...&source=feedback`` with no body reads as the JSON body would.
+        payload = _query_payload() if "model" in request.args and not _has_body() \
+            else read_json()
+        req = native.validate(TrainRequest, payload)
         _check_model(st, req.model)
-        stored = data_path(st.settings.model_dir, req.model)
-        if not inside(Path(st.settings.model_dir), stored):
-            raise not_found("training_data", f"model '{req.model}' has no training data: "
-                            "POST a CSV (Content-Type: text/csv) instead")
-    source = _train(st, req.model, req.epochs, posted)
+        if req.source == "feedback":
+            posted, started = _spool_feedback(st, req)
+        else:
+            stored = data_path(st.settings.model_dir, req.model)
+            if not inside(Path(st.settings.model_dir), stored):
+                raise not_found("training_data", f"model '{req.model}' has no training data: "
+                                "POST a CSV (Content-Type: text/csv) instead")
+    source = _train(st, req.model, req.epochs, posted, started)
     response = sse_response(sse.with_heartbeat(source, st.settings.heartbeat_seconds))
     if posted is not None:
         # Also runs when the stream never started; the child has read the file by then.
@@ -60,11 +75,15 @@ def train_stream() -> Response:
     return response
 
 
-def _train(st: ServerState, model: str, epochs: int, data: Path | None) -> Iterator[str]:
-    """The SSE events of one run. Runs outside the request context: takes ``st``, not state()."""
+def _train(st: ServerState, model: str, epochs: int, data: Path | None,
+           started: dict[str, Any]) -> Iterator[str]:
+    """The SSE events of one run, ``started`` added to the first. Runs outside the request
+    context: takes ``st``, not state()."""
     with contextlib.closing(train_events(st.settings.model_dir, model, epochs, data)) as events:
         last: dict[str, Any] = {}
         for message in events:
+            if message.get("status") == "started":
+                message = {**message, **started}
             if "error" in message:
                 yield sse.error_event(str(message["error"]),
                                             code=message.get("code", "training_failed"))
@@ -82,13 +101,39 @@ def _train(st: ServerState, model: str, epochs: int, data: Path | None) -> Itera
 
 
 def _query_payload() -> dict[str, object]:
-    """``?model=&epochs=`` as the JSON body would be (integers as ints, so strict mode checks)."""
-    payload: dict[str, object] = {k: v for k, v in request.args.items()
-                                  if k in ("model", "epochs")}
+    """``?model=&epochs=&source=&since=&version=`` as the JSON body would be (integers as
+    ints, so strict mode checks); other parameters (``token``...) are not the body's."""
+    payload: dict[str, object] = {k: v for k, v in request.args.items() if k in QUERY_FIELDS}
     epochs = payload.get("epochs")
     if isinstance(epochs, str) and INT_RE.match(epochs):
         payload["epochs"] = int(epochs)
     return payload
+
+
+def _has_body() -> bool:
+    return bool(request.content_length) or \
+        "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+
+
+def _spool_feedback(st: ServerState, req: TrainRequest) -> tuple[Path, dict[str, Any]]:
+    """The prediction log's labelled rows of ``req.model`` as a training CSV in a temp file,
+    read in a native thread, and what the first event says of them. A 4xx (or 503, the
+    database down) when they cannot train a model."""
+    plog = prediction_log()
+    entry = st.registry.get(req.model)
+    lay = export.latest_layout(entry)
+    version = export.logged_version(entry, req.version)
+    with tempfile.NamedTemporaryFile(prefix="train-feedback-", suffix=".csv",
+                                     delete=False) as tmp:
+        path = Path(tmp.name)
+    try:
+        tally = read_log(lambda store: export.feedback_csv(store, lay, version, req.since, path))
+        export.require_trainable(tally, lay, plog.inputs)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path, {"source": "feedback", "rows": tally.rows,
+                  "skipped": dict(tally.skipped), "note": tally.note(lay.model)}
 
 
 def _check_model(st: ServerState, model: str) -> None:

@@ -9,6 +9,7 @@ from flask import Blueprint, Response, g, request
 from server.http.app import error_handlers
 from server.http.auth import require_api_key
 from server.http.context import json_response, state
+from server.http.origin import origin
 from server.model.loaded import LoadedVersion
 from server.protocols import oip
 
@@ -74,7 +75,7 @@ def infer(model: str, version: str | None = None) -> Response:
     front.check_rows(oip.declared_rows(req), ["inputs"])  # before decoding the tensors
     X = oip.to_matrix(lv, req)
     front.check_rows(len(X), ["inputs"])
-    outcome = front.predict(lv, X, ["inputs"])
+    outcome = front.predict(lv, X, ["inputs"], origin("v2", request_id=req.id))
     g.cache = f"{outcome.cached}/{len(outcome.results)}"
     g.model_seconds = outcome.model_seconds
     body, header_length = oip.encode_response(lv, req, outcome.results)
