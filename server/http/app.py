@@ -31,6 +31,10 @@ HTTP_CODES = {
 }
 
 
+# Errors answered before the body was read to its end.
+UNREAD_BODY = frozenset({"bad_body", "spool_full"})
+
+
 def as_api_error(exc: HTTPException) -> ApiError:
     """A werkzeug/Flask HTTP error (404, 405, 413, 429...) as our ApiError."""
     status = exc.code or 500
@@ -53,7 +57,11 @@ def error_handlers(scope: Flask | Blueprint, shape: ErrorShape) -> None:
     def render(err: ApiError) -> Response:
         prometheus.child(prometheus.ERRORS, err.code).inc()
         status, body = shape(err, request_id())
-        return json_response(body, status, err.headers)
+        headers = err.headers
+        if err.status in (408, 413) or err.code in UNREAD_BODY:
+            # What is left of the body is not worth reading: close after the answer.
+            headers = {**headers, "Connection": "close"}
+        return json_response(body, status, headers)
 
     @scope.errorhandler(ApiError)
     def _api_error(err: ApiError) -> Response:

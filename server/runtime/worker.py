@@ -88,6 +88,14 @@ class CoalescingResponse(gwsgi.Response):  # type: ignore[misc]
             return
         self.sock.sendall(head + data)
 
+    def process_headers(self, headers: Any) -> None:
+        # gunicorn drops hop-by-hop headers an app sends. ``Connection: close`` from ours
+        # means the answer was given without reading the body (413, a malformed body, a
+        # full spool): close after it rather than drain a body of any declared length.
+        if any(n.lower() == "connection" and v.strip().lower() == "close" for n, v in headers):
+            self.must_close = True
+        super().process_headers(headers)
+
     def sendfile(self, respiter: Any) -> Any:
         self.send_headers()
         self.flush_head()

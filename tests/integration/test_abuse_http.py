@@ -157,3 +157,18 @@ def test_errors_cut_what_they_echo(live_server: LiveServer,
     assert 400 <= resp.status_code < 500, resp.text[:300]
     assert len(resp.content) < 3000, resp.text[:300]
     assert "characters)" in resp.text  # says it was cut, and how long the value was
+
+
+def test_a_refused_upload_closes_the_connection_instead_of_draining_it(
+        live_server: LiveServer) -> None:
+    """413 before the body: the connection is closed at once, not kept to swallow the 300 MB
+    the client announced (gunicorn would read and discard all of it first)."""
+    with socket.create_connection(("127.0.0.1", live_server.port), timeout=10) as raw:
+        raw.sendall(b"POST /predict/csv?model=iris HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: text/csv\r\nContent-Length: 300000000\r\n\r\nsepal")
+        answer = b""
+        while chunk := raw.recv(65536):
+            answer += chunk
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 413")
+    assert b"connection: close" in head
