@@ -106,6 +106,22 @@ class Settings(BaseSettings):
         "live figures, Prometheus files (gunicorn.conf.py makes one when unset)."
     )
     log_level: str = Field("INFO", description="Python log level name.")
+    drift: str = Field(
+        "on", description="'off' turns live drift monitoring off (no counting on the "
+        "request path)."
+    )
+    drift_window_seconds: int = Field(
+        3600, ge=60, le=7 * 86400, description="The sliding window drift scores cover, in "
+        "one-minute buckets."
+    )
+    drift_min_rows: int = Field(
+        500, ge=1, description="Fewer served rows than this in the window: the scores are "
+        "null, with the reason."
+    )
+    drift_sample_rows_per_second: int = Field(
+        1000, ge=1, description="Rows per second and worker counted into the drift "
+        "histograms; batches, streams and CSV beyond it are sampled."
+    )
     data_dir: Path = Field(
         Path("data"), description="Where the server keeps its own files: the SQLite "
         "prediction log (predictions.db) unless PREDICTION_LOG names another place."
@@ -141,6 +157,10 @@ class Settings(BaseSettings):
     @property
     def cache_enabled(self) -> bool:
         return self.cache.strip().lower() not in {"off", "0", "false", "no"}
+
+    @property
+    def drift_enabled(self) -> bool:
+        return self.drift.strip().lower() not in {"off", "0", "false", "no"}
 
     @property
     def prediction_log_url(self) -> str:
