@@ -4,6 +4,11 @@ backends behind one small interface (off, per-worker memory LRU, Redis).
 Key: ``pred:<model>:<version>:<md5 of the row as little-endian float64 bytes>``.
 Value: the row's result as JSON. Redis faults never fail a prediction: every call is bounded
 by socket timeouts, and a circuit breaker skips Redis for a while after a failure.
+
+The key names a version, not the artifact behind it, so each backend also records which
+artifact (its sha256) a version's keys belong to, and serves and stores a version's rows only
+for that artifact: an answer computed by another artifact is never a hit, whatever a reload,
+a sibling worker, another host or a Redis outage did in between.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import hashlib
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -39,18 +45,42 @@ def row_keys(model: str, version: str, X: np.ndarray) -> list[str]:
     return [prefix + md5(r.tobytes(), usedforsecurity=False).hexdigest() for r in X]
 
 
+def record_key(model: str, version: str) -> str:
+    """Where Redis records the sha256 of the artifact that a version's keys belong to."""
+    return f"predsha:{model}:{version}"
+
+
+class Artifact(Protocol):
+    """What computed the rows of one call (a ``LoadedVersion`` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+
 class PredictionCache(Protocol):
     name: str
     enabled: bool
 
-    def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
+    def get_many(self, keys: Sequence[str], artifact: Artifact) -> list[bytes | None]:
+        """The values of ``keys`` (rows of ``artifact``'s version); all None unless the cache
+        records ``artifact`` as the one whose answers that version's keys hold."""
+        ...
 
-    def set_many(self, items: dict[str, bytes]) -> None: ...
+    def set_many(self, items: dict[str, bytes], artifact: Artifact) -> None:
+        """Store rows of ``artifact``'s version, unless another artifact owns its keys."""
+        ...
 
     def drop_version(self, model: str, version: str) -> int: ...
 
     def sync_versions(self, shas: dict[tuple[str, str], str]) -> list[tuple[str, str]]:
-        """Drop keys of versions whose artifact differs from the one last recorded."""
+        """Record each loaded version's artifact sha256 as the owner of its keys, dropping
+        the keys of versions whose recorded artifact differs; returns those versions."""
         ...
 
     def status(self) -> dict[str, Any]: ...
@@ -79,10 +109,10 @@ class NoCache(_Counters):
     name = "off"
     enabled = False
 
-    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+    def get_many(self, keys: Sequence[str], artifact: Artifact) -> list[bytes | None]:
         return self.count([None] * len(keys))
 
-    def set_many(self, items: dict[str, bytes]) -> None:
+    def set_many(self, items: dict[str, bytes], artifact: Artifact) -> None:
         return None
 
     def drop_version(self, model: str, version: str) -> int:
@@ -104,7 +134,9 @@ ENTRY_OVERHEAD = 200
 class MemoryCache(_Counters):
     """A per-worker LRU bounded in bytes (CACHE_MAX_MB), with the same TTL as Redis. An entry
     is its key and the answer's JSON bytes, nothing else: an iris row with its probabilities
-    costs about 370 bytes."""
+    costs about 370 bytes. Each version's entries belong to one artifact (``_owners``, set
+    by ``sync_versions`` after each reload): a request still holding the version it resolved
+    before a reload neither reads nor writes the new artifact's entries."""
 
     name = "memory"
     enabled = True
@@ -115,16 +147,19 @@ class MemoryCache(_Counters):
         self.ttl = ttl
         self.bytes = 0
         self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._owners: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
 
     @staticmethod
     def cost(key: str, value: bytes) -> int:
         return len(key) + len(value) + ENTRY_OVERHEAD
 
-    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+    def get_many(self, keys: Sequence[str], artifact: Artifact) -> list[bytes | None]:
         now = time.monotonic()
         found: list[bytes | None] = []
         with self._lock:
+            if self._owners.get((artifact.name, artifact.version)) != artifact.sha256:
+                return self.count([None] * len(keys))
             for key in keys:
                 item = self._data.get(key)
                 if item is None or item[0] < now:
@@ -134,9 +169,14 @@ class MemoryCache(_Counters):
                 found.append(item[1])
         return self.count(found)
 
-    def set_many(self, items: dict[str, bytes]) -> None:
+    def set_many(self, items: dict[str, bytes], artifact: Artifact) -> None:
         expires = time.monotonic() + self.ttl
         with self._lock:
+            # A version never synced (a cache used without a registry) belongs to its first
+            # writer; this worker's memory holds nothing older than that.
+            owner = self._owners.setdefault((artifact.name, artifact.version), artifact.sha256)
+            if owner != artifact.sha256:
+                return
             for key, value in items.items():
                 # orjson's bytes keep the 4 KB buffer they were written into: an exact copy
                 # is what made a cached row cost ~370 bytes instead of ~4.4 KB.
@@ -152,15 +192,23 @@ class MemoryCache(_Counters):
                 self.bytes -= self.cost(key, value)
 
     def drop_version(self, model: str, version: str) -> int:
-        prefix = f"pred:{model}:{version}:"
         with self._lock:
-            doomed = [k for k in self._data if k.startswith(prefix)]
-            for key in doomed:
-                self.bytes -= self.cost(key, self._data.pop(key)[1])
+            return self._drop(model, version)
+
+    def _drop(self, model: str, version: str) -> int:
+        prefix = f"pred:{model}:{version}:"
+        doomed = [k for k in self._data if k.startswith(prefix)]
+        for key in doomed:
+            self.bytes -= self.cost(key, self._data.pop(key)[1])
         return len(doomed)
 
     def sync_versions(self, shas: dict[tuple[str, str], str]) -> list[tuple[str, str]]:
-        return []  # a worker's memory starts empty: nothing older than its models
+        with self._lock:  # owner and entries change together: no reader sees one alone
+            stale = [mv for mv, sha in shas.items() if self._owners.get(mv, sha) != sha]
+            for model, version in stale:
+                self._drop(model, version)
+            self._owners.update(shas)
+        return stale
 
     def __len__(self) -> int:
         return len(self._data)
@@ -173,8 +221,45 @@ class MemoryCache(_Counters):
                 "scope": "this worker", **self.figures()}
 
 
+# A version's record while a sync drops its keys is that sync's own token, no artifact's
+# sha256: meanwhile every reader misses and every writer is refused. The token expires, so
+# if the worker dropping dies the next lookup finds no record and syncs again.
+DROPPING_SECONDS = 60
+STORE_CHUNK = 1000  # rows per store script: Redis runs nothing else while one runs
+RESYNC_MIN_SECONDS = 1.0
+
+# Stores rows only while Redis records the writer's artifact as the version's: checked and
+# written in one step, so a worker still on an older artifact (a sibling not yet reloaded,
+# a request in flight across a reload, another host) cannot put its answers back after the
+# new artifact's sync dropped them.
+# KEYS: the version's record, then the rows' keys; ARGV: sha256, TTL, then the values.
+STORE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+for i = 2, #KEYS do redis.call('SETEX', KEYS[i], ARGV[2], ARGV[i + 1]) end
+return #KEYS - 1
+"""
+# Records each version's sha256 only if the record still holds this sync's token: a sync
+# that started dropping after this one did (and so may not have finished) claims instead.
+# KEYS: the records; ARGV: the token, then the sha256 of each.
+CLAIM = """
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('SET', KEYS[i], ARGV[i + 1]) end
+end
+return 0
+"""
+
+
 class RedisCache(_Counters):
-    """Redis behind a circuit breaker. One blocking pool per worker process."""
+    """Redis behind a circuit breaker. One blocking pool per worker process.
+
+    ``predsha:<model>:<version>`` records the sha256 of the artifact a version's keys belong
+    to. A lookup reads it in the same MGET as the rows and serves them only if it names the
+    caller's artifact; a store checks it in the same script that writes. ``sync_versions``
+    (at start and after each reload) claims the records of this worker's versions: one that
+    names another artifact, or none, is set to a token, the version's keys are dropped, and
+    the token is swapped for the sha256. A sync that Redis missed (breaker open, timeout)
+    runs again in the background on the first successful call after the failure, as does
+    one for a record found missing (Redis restarted, flushed, or a dropping worker died)."""
 
     name = "redis"
     enabled = True
@@ -193,6 +278,14 @@ class RedisCache(_Counters):
         self.last_error_at: float | None = None
         self.skipped = 0
         self.pool_busy = 0
+        self.mismatches = 0  # rows refused: Redis recorded another artifact for the version
+        self._store = client.register_script(STORE)
+        self._claim = client.register_script(CLAIM)
+        self._shas: dict[tuple[str, str], str] = {}  # this worker's versions, as last synced
+        self._unsynced = False  # Redis may not record them: sync again once it answers
+        self._syncing = False
+        self._next_resync = 0.0
+        self._sync_lock = threading.Lock()
 
     # -- breaker -------------------------------------------------------------------------
     @property
@@ -211,11 +304,15 @@ class RedisCache(_Counters):
         self.last_error_at = time.time()
         if trip:
             self._open_until = time.monotonic() + self.breaker_seconds
+            # Whatever this worker recorded or dropped meanwhile may not have reached Redis.
+            self._unsynced = True
         log.warning("redis cache degraded", extra={"err": self.last_error, "breaker": trip})
 
     def _recovered(self) -> None:
         self.healthy = True
         self._open_until = 0.0
+        if self._unsynced:
+            self._resync_soon()
 
     @staticmethod
     def _pool_busy(exc: Exception) -> bool:
@@ -223,28 +320,42 @@ class RedisCache(_Counters):
         return isinstance(exc, redis.ConnectionError) and "No connection available" in str(exc)
 
     # -- interface -----------------------------------------------------------------------
-    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+    def get_many(self, keys: Sequence[str], artifact: Artifact) -> list[bytes | None]:
         if self.open or not keys:
             self.skipped += bool(keys)
             return self.count([None] * len(keys))
         try:
-            found = self.client.mget(keys)
+            found = self.client.mget([*keys, record_key(artifact.name, artifact.version)])
         except (redis.RedisError, OSError) as exc:
             self._fail(exc)
             return self.count([None] * len(keys))
         self._recovered()
+        owner = found.pop()
+        if owner is None or _text(owner) != artifact.sha256:
+            self.mismatches += len(keys)
+            if owner is None and self._shas.get((artifact.name, artifact.version)) == \
+                    artifact.sha256:
+                self._unsynced = True  # Redis lost the record (restarted, flushed, evicted)
+                self._resync_soon()
+            return self.count([None] * len(keys))
         # decode_responses is off: values are bytes (or None).
         return self.count([v if v is None or isinstance(v, bytes) else v.encode()
                            for v in found])
 
-    def set_many(self, items: dict[str, bytes]) -> None:
+    def set_many(self, items: dict[str, bytes], artifact: Artifact) -> None:
         if self.open or not items:
             return
+        record = record_key(artifact.name, artifact.version)
+        keys = list(items)
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for key, value in items.items():
-                pipe.execute_command("SETEX", key, self.ttl, value)
-            pipe.execute()
+            for start in range(0, len(keys), STORE_CHUNK):
+                chunk = keys[start:start + STORE_CHUNK]
+                values = [items[k] for k in chunk]
+                stored = self._store(keys=[record, *chunk],
+                                     args=[artifact.sha256, self.ttl, *values])
+                if int(stored) < 0:
+                    self.mismatches += len(keys) - start
+                    return
         except redis.ResponseError as exc:  # e.g. OOM with maxmemory: reads still work
             self._fail(exc, trip=False)
         except (redis.RedisError, OSError) as exc:
@@ -253,38 +364,82 @@ class RedisCache(_Counters):
     def drop_version(self, model: str, version: str) -> int:
         if self.open:
             return 0
-        dropped = 0
         try:
-            batch: list[bytes] = []
-            for key in self.client.scan_iter(match=f"pred:{model}:{version}:*", count=1000):
-                batch.append(key)
-                if len(batch) >= 1000:
-                    dropped += int(self.client.unlink(*batch))
-                    batch = []
-            if batch:
-                dropped += int(self.client.unlink(*batch))
+            return self._unlink_version(model, version)
         except (redis.RedisError, OSError) as exc:
             self._fail(exc)
+            return 0
+
+    def _unlink_version(self, model: str, version: str) -> int:
+        dropped = 0
+        batch: list[bytes] = []
+        for key in self.client.scan_iter(match=f"pred:{model}:{version}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                dropped += int(self.client.unlink(*batch))
+                batch = []
+        if batch:
+            dropped += int(self.client.unlink(*batch))
         return dropped
 
     def sync_versions(self, shas: dict[tuple[str, str], str]) -> list[tuple[str, str]]:
         """Compare each version's sha256 with the one Redis recorded (another worker, host
-        or an earlier run may have cached answers of a different artifact) and drop the
-        keys of any that differ."""
-        if self.open or not shas:
-            return []
-        names = [f"predsha:{m}:{v}" for m, v in shas]
+        or an earlier run may have cached answers of a different artifact), drop the keys
+        of any that differ or have no record, and record this worker's; returns those.
+        Remembered, so a sync that Redis misses runs again once it answers."""
+        self._shas = dict(shas)
+        return self._sync()
+
+    def _sync(self) -> list[tuple[str, str]]:
+        with self._sync_lock:
+            shas = self._shas  # the newest, even for a resync queued behind a reload's sync
+            if self.open:
+                self._unsynced = True
+                return []
+            names = [record_key(m, v) for m, v in shas]
+            try:
+                recorded = self.client.mget(names) if names else []
+                # No record: no telling whose answers the keys hold (Redis lost it).
+                stale = [mv for mv, old in zip(shas, recorded)
+                         if old is None or _text(old) != shas[mv]]
+                dropped = 0
+                if stale:
+                    # Owned by no artifact while dropped: a reader sees the token or the new
+                    # sha256, never the new sha256 next to keys of the old artifact.
+                    token = f"dropping:{uuid.uuid4().hex}"
+                    marks = self.client.pipeline(transaction=False)
+                    for mv in stale:
+                        marks.set(record_key(*mv), token, ex=DROPPING_SECONDS)
+                    marks.execute()
+                    dropped = sum(self._unlink_version(m, v) for m, v in stale)
+                    self._claim(keys=[record_key(*mv) for mv in stale],
+                                args=[token, *(shas[mv] for mv in stale)])
+            except (redis.RedisError, OSError) as exc:
+                self._fail(exc)
+                self._unsynced = True
+                return []
+            self._unsynced = False
+            if dropped:
+                log.info("cached answers of other artifacts dropped",
+                         extra={"versions": [f"{m}/{v}" for m, v in stale], "keys": dropped})
+            return stale
+
+    def _resync_soon(self) -> None:
+        """Sync again off the request path (a greenlet under gevent), one at a time."""
+        now = time.monotonic()
+        if self._syncing or now < self._next_resync:
+            return
+        self._syncing = True
+        self._next_resync = now + RESYNC_MIN_SECONDS
+        threading.Thread(target=self._resync, name="cache-resync", daemon=True).start()
+
+    def _resync(self) -> None:
         try:
-            recorded = self.client.mget(names)
-            stale = [mv for mv, old in zip(shas, recorded)
-                     if old is not None and _text(old) != shas[mv]]
-            for model, version in stale:
-                self.drop_version(model, version)
-            self.client.mset({n: sha for n, sha in zip(names, shas.values())})
-        except (redis.RedisError, OSError) as exc:
-            self._fail(exc)
-            return []
-        return stale
+            self._sync()
+        except Exception:  # noqa: BLE001 - a failed resync is retried after the next success
+            log.exception("cache resync failed")
+        finally:
+            self._syncing = False
 
     def status(self) -> dict[str, Any]:
         degraded = self.open or not self.healthy
@@ -295,6 +450,7 @@ class RedisCache(_Counters):
             "errors": self.errors, "skipped_lookups": self.skipped,
             "pool_waits_timed_out": self.pool_busy,
             "last_error": self.last_error, "last_error_at": self.last_error_at,
+            "artifact_mismatches": self.mismatches, "versions_synced": not self._unsynced,
             "ttl": self.ttl, **self.figures(),
         }
 
