@@ -141,7 +141,7 @@ class Settings(BaseSettings):
         7, ge=0, description="Rows older than this are deleted by a periodic pass; 0 = keep."
     )
     prediction_log_buffer_rows: int = Field(
-        100_000, ge=1, description="Rows one worker buffers while the database is slow or "
+        20_000, ge=1, description="Rows one worker buffers while the database is slow or "
         "down; beyond it the oldest are dropped (prediction_log_dropped_total)."
     )
     prediction_log_flush_seconds: float = Field(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,8 +206,9 @@ class LogStore:
         return version
 
     # -- writes ------------------------------------------------------------------------------
-    def insert(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Rows in COLUMNS order, in one transaction (PostgreSQL: COPY)."""
+    def insert(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Rows in COLUMNS order, in one transaction (PostgreSQL: COPY), consumed as they
+        come."""
         self.migrate()
         names = ", ".join(COLUMNS)
 

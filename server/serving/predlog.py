@@ -18,7 +18,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +57,7 @@ class _Entry:
 
 class PredictionLog:
     def __init__(self, store: LogStore, *, sample: float = 1.0, inputs: bool = True,
-                 buffer_rows: int = 100_000, flush_seconds: float = 0.5,
+                 buffer_rows: int = 20_000, flush_seconds: float = 0.5,
                  batch_rows: int = 5000, retention_days: float = 0.0,
                  offload: Callable[..., Any] | None = None) -> None:
         self.store = store
@@ -187,8 +187,9 @@ class PredictionLog:
     def _write(self, entries: list[_Entry]) -> None:
         self.store.insert(self._rows(entries))
 
-    def _rows(self, entries: list[_Entry]) -> list[tuple[Any, ...]]:
-        out: list[tuple[Any, ...]] = []
+    def _rows(self, entries: list[_Entry]) -> Iterator[tuple[Any, ...]]:
+        """The entries' rows one at a time: the insert consumes them as they come, so a
+        flush never holds a second copy of the buffer."""
         for e in entries:
             o, lv = e.origin, e.outcome.model
             results = e.outcome.results
@@ -201,7 +202,7 @@ class PredictionLog:
             for i, result in enumerate(results):
                 digest = hashlib.sha256(X[i].tobytes()).hexdigest()[:32]
                 pred = result.get("prediction")
-                out.append((
+                yield (
                     e.ts, o.request_id, e.first_row + i, lv.name, lv.version, o.door,
                     o.experiment, o.arm, o.api_key,
                     orjson.dumps(features[i]).decode() if features is not None else None,
@@ -209,8 +210,7 @@ class PredictionLog:
                     str(result.get("label", pred)) if classifier else None,
                     None if classifier or pred is None else float(pred),
                     ms, hit,
-                ))
-        return out
+                )
 
     def _purge(self) -> None:
         self._next_purge = time.time() + RETENTION_EVERY

@@ -370,3 +370,58 @@ def test_killing_postgres_under_load_fails_no_prediction_and_logging_resumes(
     finally:
         pg.stop()
         pg.remove()
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_stuck_database_keeps_each_workers_memory_within_the_buffer(
+        demo_repo: Path, server_factory: Callable[..., LiveServer], tmp_path: Path) -> None:
+    """With the database locked for the whole run, each worker buffers at most
+    PREDICTION_LOG_BUFFER_ROWS rows and drops the rest: 8 clients sending 500-row batches
+    for 15 s (over 100,000 rows) grow a worker's RSS by far less than they would unbounded."""
+    db = tmp_path / "stuck.db"
+    server = server_factory(demo_repo, WORKERS="1", PREDICTION_LOG=f"sqlite:///{db}",
+                            PREDICTION_LOG_BUFFER_ROWS="5000", CACHE="off",
+                            PREDICTION_LOG_FLUSH_SECONDS="0.1")
+    _native(server, "before-lock")
+    pid = server.get("/status").json()["pid"]
+    time.sleep(1.0)
+    before = _rss_mb(pid)
+    holder = sqlite3.connect(db, isolation_level=None)
+    rng = np.random.default_rng(3)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        deadline = time.monotonic() + 15
+
+        def load(seed: int) -> int:
+            local = np.random.default_rng(seed)
+            sent = 0
+            with requests.Session() as s:
+                while time.monotonic() < deadline:
+                    rows = local.normal(5, 2, (500, 4)).round(6).tolist()
+                    r = s.post(server.url + "/predict/batch",
+                               json={"model": "iris", "instances": rows}, timeout=10)
+                    assert r.status_code == 200
+                    sent += 500
+            return sent
+
+        threads_sent: list[int] = []
+        workers = [threading.Thread(target=lambda seed=seed: threads_sent.append(load(seed)))
+                   for seed in rng.integers(0, 1 << 30, 8).tolist()]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(30)
+        status = server.get("/status").json()["prediction_log"]
+        grown = _rss_mb(pid) - before
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert sum(threads_sent) >= 50_000
+    assert status["pending"] <= 5000 and status["dropped"] >= sum(threads_sent) - 20_000
+    assert grown < 40, grown
