@@ -167,8 +167,9 @@ def websocket_handshake(url: str) -> requests.Response:
     """A WebSocket opening handshake sent by hand, for tests of a refused one: the server's
     answer (status and JSON body) as it is. simple_websocket's client would leave its socket
     open when refused."""
-    headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    # "close" too: a refused handshake's connection is not kept alive for KEEPALIVE seconds.
+    headers = {"Upgrade": "websocket", "Connection": "Upgrade, close",
+               "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
     with requests.get(url, headers=headers, timeout=5) as resp:
         resp.content  # noqa: B018 - read the body before the connection closes
         return resp

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from flask import Flask, Response, request
+from flask import Flask, Response, current_app, request
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from server.config import Settings
 from server.errors import ApiError
 from server.http.context import state
+
+if TYPE_CHECKING:
+    from flask_limiter import Limiter
+
+log = logging.getLogger(__name__)
 
 
 def _presented_token(*headers: str) -> str:
@@ -164,3 +174,32 @@ def install_rate_limits(app: Flask, settings: Settings) -> None:
     )
 
 
+def message_limiter() -> Callable[[], ApiError | None] | None:
+    """For a WebSocket's messages, which no request hook sees: a function that counts one
+    message against RATE_LIMIT in the bucket this request's handshake was counted in (same
+    identity, same endpoint, flask-limiter's own storage: Redis when configured) and answers
+    the 429 to send when over, else None. None without RATE_LIMIT: nothing to call."""
+    limiters: set[Limiter] = current_app.extensions.get("limiter", set())
+    limiter = next(iter(limiters), None)
+    if limiter is None:
+        return None
+    endpoint = limiter.identify_request()
+    # As flask-limiter checks a request: its default limits, smallest first, stop at the
+    # first one breached (the larger ones are not charged for a refused message).
+    buckets = [(lim.limit, (lim.key_func(), lim.scope_for(endpoint, request.method)))
+               for lim in sorted(limiter.limit_manager.default_limits, key=lambda x: x.limit)
+               if not lim.is_exempt]
+
+    def count() -> ApiError | None:
+        try:
+            for item, args in buckets:
+                if not limiter.limiter.hit(item, *args):
+                    reset = limiter.limiter.get_window_stats(item, *args).reset_time
+                    wait = max(1, math.ceil(reset - time.time()))
+                    return ApiError(429, "rate_limited", f"{item} exceeded: retry in {wait} s",
+                                    headers={"Retry-After": str(wait)})
+        except Exception as exc:  # as swallow_errors does for requests: storage down, serve
+            log.warning("rate limit storage failed, message not counted: %s", exc)
+        return None
+
+    return count
