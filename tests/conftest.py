@@ -43,6 +43,14 @@ def scrape_metrics(server: LiveServer) -> str:
     return str(server.get("/metrics").text)
 
 
+def rss_mb(pid: int) -> float:
+    """A process's resident memory, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
 def wait_until(check: Callable[[], Any], timeout: float = 20.0, every: float = 0.05) -> Any:
     """Poll ``check`` until it returns something truthy; fail the test on timeout."""
     deadline = time.monotonic() + timeout

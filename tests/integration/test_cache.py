@@ -20,7 +20,7 @@ import pytest
 from sklearn.datasets import load_iris
 from sklearn.tree import DecisionTreeClassifier
 
-from tests.conftest import LiveServer, RedisServer, wait_until
+from tests.conftest import LiveServer, RedisServer, rss_mb, wait_until
 
 # Starts servers of its own or runs for long: not in the fast subset (-m 'not slow').
 pytestmark = pytest.mark.slow
@@ -272,12 +272,6 @@ def test_cache_off(server_factory: Callable[..., LiveServer], model_repo: Path) 
         assert resp.headers["X-Cache"] == "MISS" and resp.json()["cached"] is False
     assert server.get("/status").json()["cache"]["backend"] == "off"
 
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def test_random_rows_keep_each_workers_memory_within_its_bound(

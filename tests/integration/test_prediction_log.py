@@ -19,7 +19,7 @@ import requests
 from simple_websocket import Client
 from sklearn.datasets import load_iris
 
-from tests.conftest import LiveServer, PostgresServer, free_port, scrape_metrics, wait_until
+from tests.conftest import LiveServer, PostgresServer, free_port, rss_mb, scrape_metrics, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -372,12 +372,6 @@ def test_killing_postgres_under_load_fails_no_prediction_and_logging_resumes(
         pg.remove()
 
 
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
 
 def test_a_stuck_database_keeps_each_workers_memory_within_the_buffer(
         demo_repo: Path, server_factory: Callable[..., LiveServer], tmp_path: Path) -> None:
@@ -391,7 +385,7 @@ def test_a_stuck_database_keeps_each_workers_memory_within_the_buffer(
     _native(server, "before-lock")
     pid = server.get("/status").json()["pid"]
     time.sleep(1.0)
-    before = _rss_mb(pid)
+    before = rss_mb(pid)
     holder = sqlite3.connect(db, isolation_level=None)
     rng = np.random.default_rng(3)
     try:
@@ -418,7 +412,7 @@ def test_a_stuck_database_keeps_each_workers_memory_within_the_buffer(
         for t in workers:
             t.join(30)
         status = server.get("/status").json()["prediction_log"]
-        grown = _rss_mb(pid) - before
+        grown = rss_mb(pid) - before
     finally:
         holder.execute("ROLLBACK")
         holder.close()
