@@ -122,6 +122,21 @@ class Settings(BaseSettings):
         1000, ge=1, description="Rows per second and worker counted into the drift "
         "histograms; batches, streams and CSV beyond it are sampled."
     )
+    job_max_bytes: int = Field(
+        10 * 1024**3, ge=1, description="Largest scoring-job upload (POST /jobs), counted as "
+        "it streams to disk (413 beyond)."
+    )
+    job_max_active_per_key: int = Field(
+        4, ge=1, description="Queued or running scoring jobs one API key (or client address) "
+        "may have (429 beyond)."
+    )
+    job_result_ttl: int = Field(
+        86400, ge=60, description="Seconds a finished job's result and rejects are kept."
+    )
+    jobs_dir: str = Field(
+        "", description="Directory shared by the server and the queue workers for job inputs "
+        "and results; unset = DATA_DIR/jobs."
+    )
     data_dir: Path = Field(
         Path("data"), description="Where the server keeps its own files: the SQLite "
         "prediction log (predictions.db) unless PREDICTION_LOG names another place."
@@ -157,6 +172,10 @@ class Settings(BaseSettings):
     @property
     def cache_enabled(self) -> bool:
         return self.cache.strip().lower() not in {"off", "0", "false", "no"}
+
+    @property
+    def jobs_path(self) -> Path:
+        return Path(self.jobs_dir) if self.jobs_dir else self.data_dir / "jobs"
 
     @property
     def drift_enabled(self) -> bool:
