@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
+
 COLUMNS = ("ts", "request_id", "row_index", "model", "version", "door", "experiment", "arm",
            "api_key", "features", "features_hash", "output", "predicted", "value", "model_ms",
            "cache_hit")
@@ -206,22 +208,30 @@ class LogStore:
         return version
 
     # -- writes ------------------------------------------------------------------------------
-    def insert(self, rows: Iterable[tuple[Any, ...]]) -> None:
-        """Rows in COLUMNS order, in one transaction (PostgreSQL: COPY), consumed as they
-        come."""
+    def insert(self, rows: Iterable[Sequence[Any]]) -> None:
+        """Rows in COLUMNS order (``features`` and ``output`` as JSON text or as the list and
+        object themselves), in one transaction and one statement: the rows travel as one
+        JSON array that the database unpacks (SQLite's ``json_each``, PostgreSQL's
+        ``json_array_elements``). One statement means one wait on the database, so the
+        native thread writing gives the GIL back to the event loop once, not once per row
+        (``executemany`` released and re-took it per row, which cost a busy worker about a
+        fifth of its requests)."""
         self.migrate()
+        payload = orjson.dumps(rows if isinstance(rows, list) else list(rows)).decode()
+        self._run(lambda conn: conn.execute(self._insert_sql, (payload,)))
+
+    @property
+    def _insert_sql(self) -> str:
         names = ", ".join(COLUMNS)
-
-        def write(conn: Any) -> None:
-            if self.dialect == "postgresql":
-                with conn.cursor() as cur, cur.copy(f"COPY predictions ({names}) FROM STDIN") as cp:
-                    for row in rows:
-                        cp.write_row(row)
-            else:
-                marks = ", ".join("?" * len(COLUMNS))
-                conn.executemany(f"INSERT INTO predictions ({names}) VALUES ({marks})", rows)
-
-        self._run(write)
+        if self.dialect == "postgresql":
+            casts = {"ts": "float8", "row_index": "int", "value": "float8",
+                     "model_ms": "float8", "cache_hit": "int"}
+            picks = ", ".join(f"(r->>{i})::{casts[c]}" if c in casts else f"r->>{i}"
+                              for i, c in enumerate(COLUMNS))
+            return (f"INSERT INTO predictions ({names}) SELECT {picks} "
+                    "FROM json_array_elements(%s::json) AS r")
+        picks = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(COLUMNS)))
+        return f"INSERT INTO predictions ({names}) SELECT {picks} FROM json_each(?)"
 
     def purge(self, before: float, batch: int = 10_000) -> int:
         """Delete rows older than ``before`` in batches of ``batch`` (each its own short

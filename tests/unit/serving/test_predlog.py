@@ -77,7 +77,7 @@ def test_flush_writes_every_buffered_row_in_one_write(
     assert logged(store) == []  # nothing is written on the request path
 
     assert plog.flush() is True
-    assert writes == ["_write"]
+    assert writes == ["insert"]
     assert requests_of(store) == ["req-1/0", "req-1/1", "req-1/2", "req-2/0", "req-2/1"]
     first = logged(store)[0]
     assert (first["model"], first["version"], first["door"], first["api_key"],
@@ -90,7 +90,7 @@ def test_flush_writes_every_buffered_row_in_one_write(
     assert counter(prometheus.LOG_WRITTEN) == written_before + 5
 
     assert plog.flush() is True  # nothing waiting: nothing written
-    assert writes == ["_write"]
+    assert writes == ["insert"]
 
 
 @pytest.mark.parametrize(("buffer_rows", "sizes", "kept", "dropped"), [
