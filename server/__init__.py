@@ -24,8 +24,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         admin,
         dashboard,
         docs,
+        drift,
         experiments,
         health,
+        jobs,
         models,
         predict,
         predictions,
@@ -49,6 +51,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from server.serving.batching import MicroBatcher, batch_mode, gevent_active
     from server.serving.cache import make_cache, make_redis
     from server.serving.dataplane import DataPlane
+    from server.serving.drift import DriftMonitor
     from server.serving.experiments import Experiments, MemoryStats, RedisStats
     from server.serving.frontdoor import FrontDoor, Limits
     from server.serving.logstore import LogStore
@@ -98,8 +101,15 @@ def create_app(settings: Settings | None = None) -> Flask:
             buffer_rows=settings.prediction_log_buffer_rows,
             flush_seconds=settings.prediction_log_flush_seconds,
             retention_days=settings.prediction_log_retention_days, offload=offload)
+    monitor = None
+    if settings.drift_enabled:
+        monitor = DriftMonitor(
+            registry, events.dir, events, window_seconds=settings.drift_window_seconds,
+            min_rows=settings.drift_min_rows,
+            sample_rows_per_second=settings.drift_sample_rows_per_second, client=client,
+            breaker_seconds=settings.redis_breaker_seconds)
     front = FrontDoor(registry, dataplane, Limits(settings.max_batch, settings.stream_max_rows,
-                                                  settings.default_model), plog)
+                                                  settings.default_model), plog, monitor)
 
     def after_reload(report: ReloadReport) -> None:
         dataplane.on_reload(report)
@@ -133,6 +143,16 @@ def create_app(settings: Settings | None = None) -> Flask:
         front=front,
         started=time.time(),
     )
+    if client is not None:  # without REDIS_URL, /jobs answers 404 jobs_off
+        from server.jobs.broker import enqueue, make_client
+        from server.jobs.service import JobService
+        from server.jobs.store import JobStore
+
+        queue = make_client(settings)
+        app.extensions["jobs"] = JobService(
+            JobStore(client, settings.job_result_ttl), settings.jobs_path,
+            lambda job_id: enqueue(queue, job_id), settings.job_max_bytes,
+            settings.job_max_active_per_key)
     install(app)
     install_compression(app)
     install_proxy_fix(app, settings)
@@ -140,11 +160,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     install_cors(app, settings)
     for blueprint in (health.bp, models.bp, predict.bp, experiments.bp, stream.bp, ws.bp,
                       v2_oip.bp, v1_tfserving.bp, tokens.bp, train.bp, admin.bp, docs.bp,
-                      dashboard.bp, predictions.bp):
+                      dashboard.bp, predictions.bp, drift.bp, jobs.bp):
         app.register_blueprint(blueprint)
     reloader.start()
     live.start()
     if plog is not None:
         plog.start()
+    if monitor is not None:
+        monitor.start()
     prometheus.start_flushing()
     return app

@@ -184,7 +184,7 @@ class FeedbackItem(BaseModel):
                             description="The id the prediction was answered with.")
     row: int = Field(0, ge=0, le=1_000_000_000,
                      description="The row of a batch (0 for a single prediction).")
-    label: Optional[Union[str, int]] = Field(
+    label: str | int | None = Field(  # not Optional[Union[...]]: see Version above
         None, description="The true class, as the answer's `label` names it.")
     value: Optional[float] = Field(None, ge=-1e300, le=1e300,
                                    description="The true value, for a regressor.")
@@ -482,3 +482,120 @@ class QualityResponse(BaseModel):
     classes: Optional[dict[str, dict[str, Any]]] = None
     mae: Optional[float] = None
     rmse: Optional[float] = None
+
+
+class DriftScore(BaseModel):
+    """One feature's (or the predictions') live distribution against the training one."""
+
+    psi: Optional[float] = Field(description="Population stability index over the window; "
+                                 "null below DRIFT_MIN_ROWS rows.")
+    status: Optional[str] = Field(description="stable (PSI < 0.1), moderate (0.1-0.25) or "
+                                  "drifted (> 0.25); null with the PSI.")
+    p_value: Optional[float] = Field(None, description="Two-sample chi-square test on the "
+                                     "bins (sparse bins pooled); null with too few rows.")
+    live_proportions: Optional[list[float]] = Field(None, description="Share of the window's "
+                                                    "rows per bin.")
+    reference_proportions: Optional[list[float]] = Field(None, description="Share of the "
+                                                         "training rows per bin.")
+    edges: Optional[list[float]] = Field(None, description="Inner bin edges (a value equal to "
+                                         "an edge is in the bin above it).")
+    classes: Optional[list[Any]] = Field(None, description="A classifier's classes, the "
+                                         "prediction's bins.")
+    out_of_range: Optional[float] = Field(None, description="Share of live values outside the "
+                                          "training minimum and maximum.")
+    missing: Optional[float] = None
+    reference_missing: Optional[float] = None
+
+
+class DriftSinceStart(BaseModel):
+    """The same scores over everything this server counted since it started."""
+
+    counts_scope: str
+    rows: int
+    rows_served: int
+    status: str
+    reason: Optional[str] = None
+    features: dict[str, DriftScore]
+    prediction: Optional[DriftScore] = None
+
+
+class DriftResponse(BaseModel):
+    """A version's live traffic against its training profile, feature by feature."""
+
+    model: str
+    version: str
+    window_seconds: int
+    min_rows: int = Field(description="DRIFT_MIN_ROWS: fewer rows in the window, no scores.")
+    status: str = Field(description="The worst of the features' and the prediction's "
+                        "status, or not_enough_rows, or no_reference.")
+    reason: Optional[str] = Field(description="Why there are no scores.")
+    rows: Optional[int] = Field(description="Rows counted in the window (sampled beyond "
+                                "DRIFT_SAMPLE_ROWS_PER_SECOND).")
+    rows_served: Optional[int] = Field(None, description="Rows served in the window.")
+    reference_rows: Optional[int] = Field(description="Rows of the training profile.")
+    reference_created: Optional[str] = None
+    counts_scope: Optional[str] = Field(None, description="all workers of this server, or "
+                                        "all instances (redis).")
+    note: Optional[str] = Field(None, description="Why the counts cover less than asked "
+                                "(Redis unavailable).")
+    worst_feature: Optional[str] = None
+    features: dict[str, DriftScore]
+    prediction: Optional[DriftScore]
+    since_start: Optional[DriftSinceStart] = None
+
+
+# --- Scoring jobs (POST /jobs and friends) ---------------------------------------------------
+class JobInputRequest(BaseModel):
+    """``POST /jobs`` as JSON: the input named by its place in object storage (not available
+    yet: upload the file as the body instead)."""
+
+    model_config = _STRICT
+
+    input: str = Field(min_length=1, max_length=2048, description="s3://bucket/key")
+    model: Optional[str] = Field(None, description="Model name (or ?model=).")
+    version: Version = Field(None, validation_alias=VERSION_NAMES,
+                             description="Version number or label (or ?version=).")
+    chunk_rows: Optional[int] = Field(None, ge=1_000, le=1_000_000)
+
+
+class JobCreated(BaseModel):
+    """A queued job and where to follow it (``Location`` is the status URL)."""
+
+    job_id: str = Field(description="32 hex digits.")
+    status_url: str
+    events_url: str
+    result_url: str
+
+
+class JobView(BaseModel):
+    """A scoring job: its state and progress. Times are ISO 8601, UTC."""
+
+    job_id: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    model: str
+    version: str = Field(description="The version number the job scores with (a label or "
+                         "latest is resolved when the job is submitted).")
+    format: Literal["csv", "parquet"] = Field(description="Of the input and the result.")
+    rows_done: int = Field(description="Rows scored so far (bad rows included).")
+    rows_total: Optional[int] = Field(description="Known up front for Parquet, at the end "
+                                      "for CSV.")
+    rows_per_second: Optional[float] = Field(description="Of the worker's current attempt.")
+    eta_seconds: Optional[float] = Field(description="Seconds left, estimated; 0 when done.")
+    rejects: int = Field(description="Rows that could not be scored (see /rejects).")
+    created: str
+    started: Optional[str]
+    finished: Optional[str]
+    error: Optional[str] = Field(description="Why the job failed.")
+    cancel_requested: bool
+    bytes: int = Field(description="Size of the upload.")
+    chunk_rows: int
+    status_url: str
+    events_url: str
+    result_url: str
+    rejects_url: str
+
+
+class JobList(BaseModel):
+    """The caller's jobs, newest first (at most 1000; finished ones until they expire)."""
+
+    jobs: list[JobView]

@@ -115,6 +115,92 @@ def _json(model: type[BaseModel], description: str = "", headers: tuple[str, ...
 
 
 PREDICT_200 = _json(s.PredictResponse, "The prediction.", ("X-Cache",))
+
+# --- scoring jobs -------------------------------------------------------------------------
+PARQUET = "application/vnd.apache.parquet"
+JOB_P = Param("job_id", "path", "The job's id (32 hex digits).",
+              "3d5522f155af066f8aa6100b00274937")
+
+
+def _job_error(description: str) -> Body:
+    return Body(model=s.ErrorResponse, description=description)
+
+
+JOBS_OFF = "`jobs_off`: the server has no REDIS_URL (the broker and the job store)."
+JOB_404 = _job_error("`job_not_found`: no such job for this API key (unknown, another key's, "
+                     "or expired after JOB_RESULT_TTL); or " + JOBS_OFF)
+JOBS_503 = _job_error("`jobs_unavailable`: Redis is unreachable.")
+JOB_409 = _job_error("`job_not_succeeded`: there is no result yet (or ever: the job failed "
+                     "or was cancelled).")
+JOB_FILE = ("Supports `Range` (206 with those bytes, 416 beyond the end), `If-None-Match` "
+            "and `If-Modified-Since`.")
+JOB_OPERATIONS = (
+    Operation("POST", "/jobs", "Submit a scoring job: a CSV or Parquet file as the body",
+              ("jobs",),
+              {202: _json(s.JobCreated, "Queued; `Location` is the status URL.",
+                          ("Location",)),
+               404: _job_error("Unknown model or version; or " + JOBS_OFF),
+               413: _job_error("The upload is larger than JOB_MAX_BYTES (checked as it "
+                               "arrives)."),
+               422: _job_error("No model named, a CSV header that lacks a feature, a file "
+                               "that is not CSV or Parquet, chunk_rows out of range, or "
+                               "`object_storage_unavailable` for the JSON form."),
+               429: Body(model=s.ErrorResponse, headers=("Retry-After",), description=(
+                   "`too_many_jobs`: the key has JOB_MAX_ACTIVE_PER_KEY jobs queued or "
+                   "running (or the rate limit).")),
+               503: Body(model=s.ErrorResponse, headers=("Retry-After",), description=(
+                   "`jobs_unavailable` (Redis unreachable), "
+                   "`queue_unavailable` or `jobs_storage_full`."))},
+              request=(Body(media=CSV, schema=TEXT, description=(
+                           "A header row naming the features (extra columns pass through), "
+                           "then one row per line.")),
+                       Body(media=PARQUET, schema=BINARY, description="A Parquet file."),
+                       _json(s.JobInputRequest, s3={"input": "s3://bucket/rows.csv",
+                                                    "model": "iris"})),
+              params=(Param("model", "query", "Model name.", "iris"), VERSION_Q,
+                      Param("chunk_rows", "query", "Rows per part, 1000-1000000 (50000): "
+                            "the grain of progress, cancelling and resuming.")),
+              errors=(400, 404, 415), description=(
+                  "The body is streamed to JOBS_DIR, never held in memory; a body sent as "
+                  "`application/octet-stream` is told apart by its first bytes. Queue "
+                  "workers (`celery -A server.jobs.queue worker`) score it; the result has "
+                  "the input's format. The job belongs to the API key that sent it.")),
+    Operation("GET", "/jobs", "The caller's scoring jobs, newest first", ("jobs",),
+              {200: _json(s.JobList), 404: _job_error(JOBS_OFF), 503: JOBS_503}),
+    Operation("GET", "/jobs/{job_id}", "A scoring job's state and progress", ("jobs",),
+              {200: _json(s.JobView), 404: JOB_404, 503: JOBS_503}, params=(JOB_P,)),
+    Operation("DELETE", "/jobs/{job_id}", "Cancel a scoring job", ("jobs",),
+              {202: _json(s.JobView, "Cancelled (a queued job), or the cancel is on its way "
+                                     "(a running job stops before its next chunk)."),
+               404: JOB_404, 409: _job_error("`job_finished`: the job has already ended."),
+               503: JOBS_503}, params=(JOB_P,)),
+    Operation("GET", "/jobs/{job_id}/events", "A scoring job's progress as server-sent events",
+              ("jobs",), {200: SSE_BODY, 404: JOB_404,
+                          503: Body(model=s.ErrorResponse, headers=("Retry-After",),
+                                    description="Redis unreachable, or MAX_STREAMS reached.")},
+              params=(JOB_P,), description=(
+                  "`event: progress` `{job_id, state, rows_done, rows_total, "
+                  "rows_per_second, eta_seconds, rejects}` whenever they change, then the "
+                  "whole job (as GET /jobs/{job_id}) once it has ended, then `[DONE]`. "
+                  "Accepts `?token=` (POST /auth/stream-token).")),
+    Operation("GET", "/jobs/{job_id}/result", "Download a succeeded job's result", ("jobs",),
+              {200: Body(media=CSV, schema=TEXT, description=(
+                  "The input's rows with prediction columns appended, in the input's "
+                  "format (`application/vnd.apache.parquet` for a Parquet job). " + JOB_FILE)),
+               206: Body(media=CSV, schema=TEXT, description="The bytes a `Range` asked for."),
+               404: JOB_404, 409: JOB_409,
+               416: _job_error("The `Range` lies beyond the end of the file."),
+               503: JOBS_503}, params=(JOB_P,)),
+    Operation("GET", "/jobs/{job_id}/rejects", "Download a succeeded job's rejected rows",
+              ("jobs",),
+              {200: Body(media=CSV, schema=TEXT, description=(
+                  "`row,reason`: each row that could not be scored (data rows counted from "
+                  "1) and why, in the words of POST /predict/csv. " + JOB_FILE)),
+               206: Body(media=CSV, schema=TEXT, description="The bytes a `Range` asked for."),
+               404: JOB_404, 409: JOB_409,
+               416: _job_error("The `Range` lies beyond the end of the file."),
+               503: JOBS_503}, params=(JOB_P,)),
+)
 PREDICT_DOC = ("Features are a list in the model's feature order, or an object keyed by feature "
                "name. The version comes from the path, else the body, else `?version=`, else "
                "`latest`.")
@@ -204,6 +290,15 @@ OPERATIONS: tuple[Operation, ...] = (
               {200: _json(s.QualityResponse)},
               params=(MODEL_P, VERSION_P, Param("since", "query", "From this time.")),
               errors=MODEL + (422, 503)),
+    Operation("GET", "/models/{model}/versions/{version}/drift",
+              "Live drift against the training profile, per feature", ("monitoring",),
+              {200: _json(s.DriftResponse)}, params=(MODEL_P, VERSION_P),
+              errors=MODEL + (503,),
+              description="PSI and a chi-square p-value per feature and for the predictions "
+                          "over DRIFT_WINDOW_SECONDS, summed over every worker (and instance, "
+                          "with Redis). `status` is `no_reference` for a version without a "
+                          "usable profile.json and `not_enough_rows` below DRIFT_MIN_ROWS, "
+                          "with the `reason`; `404 drift_off` under DRIFT=off."),
     Operation("GET", "/metrics", "Prometheus metrics, summed over every worker",
               ("operations",), {200: Body(media="text/plain", schema=TEXT,
                                           description="Prometheus text exposition format.")},
@@ -251,6 +346,7 @@ OPERATIONS: tuple[Operation, ...] = (
               errors=(400, 404, 413, 415, 422) + STREAM),
     Operation("GET", "/stream/events", "Live server events (reloads, new versions, metrics)",
               ("streaming",), {200: SSE_BODY}, errors=STREAM),
+    *JOB_OPERATIONS,
     # --- this document --------------------------------------------------------------------
     Operation("GET", "/openapi.json", "This document", ("docs",),
               {200: Body(schema=ANY_OBJECT, description="OpenAPI 3.1.")}, security="open"),
@@ -325,6 +421,7 @@ HEADERS = {
     "X-Cache": {"description": "HIT or MISS: whether the prediction came from the cache.",
                 "schema": {"type": "string", "enum": ["HIT", "MISS"]}},
     "Retry-After": {"description": "Seconds to wait.", "schema": {"type": "string"}},
+    "Location": {"description": "Where the new resource is.", "schema": {"type": "string"}},
 }
 
 

@@ -4,7 +4,9 @@ Fitted on scikit-learn's bundled data sets, nothing downloaded: iris v1 Logistic
 and v2 RandomForest (labels stable=1, canary=2), breast_cancer, diabetes, and the ``iris-ab``
 experiment splitting iris 50/50 between v1 and v2. Each model's whole data set is also written
 to ``NAME/data/train.csv`` (feature columns + ``target``) for ``POST /train/stream``; the scan
-only reads integer folders, so ``data/`` is never taken for a version.
+only reads integer folders, so ``data/`` is never taken for a version. Each version gets a
+``profile.json``, the reference for drift monitoring, from the rows it was fitted on (and
+one is added to a version written before profiles existed).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from server.config import Settings
+from server.model.profile import FILE as PROFILE
+from server.model.profile import reference, write_profile
 
 SEED = 42
 
@@ -62,14 +66,17 @@ EXPERIMENTS = {
 
 def write_version(root: Path, name: str, version: str, loader: Callable[[], Any],
                   make: Callable[[], Any], description: str) -> bool:
-    """Fit and write one version unless its artifact already exists."""
+    """Fit and write one version unless its artifact already exists (then only add its
+    profile.json if it has none)."""
     folder = root / name / version
-    if (folder / "model.joblib").exists():
-        return False
     data = loader()
     X_train, X_test, y_train, y_test = train_test_split(
         data.data, data.target, test_size=0.25, random_state=SEED
     )
+    if (folder / "model.joblib").exists():
+        if not (folder / PROFILE).exists():
+            _write_profile(folder, joblib.load(folder / "model.joblib"), X_train, data, name)
+        return False
     estimator = make().fit(X_train, y_train)
     classifier = hasattr(estimator, "classes_")
     meta: dict[str, Any] = {
@@ -85,8 +92,18 @@ def write_version(root: Path, name: str, version: str, loader: Callable[[], Any]
     tmp = folder / "model.joblib.tmp"
     joblib.dump(estimator, tmp)
     (folder / "metadata.json").write_text(json.dumps(meta, indent=2))
+    _write_profile(folder, estimator, X_train, data, name)
     tmp.replace(folder / "model.joblib")  # atomic: a poll never sees half an artifact
     return True
+
+
+def _write_profile(folder: Path, estimator: Any, X_train: Any, data: Any, name: str) -> None:
+    """The drift reference: the training rows and the model's predictions on them."""
+    classes = getattr(estimator, "classes_", None)
+    doc = reference(X_train, estimator.predict(X_train),
+                    [clean_name(n) for n in data.feature_names], classes,
+                    source=f"demo: the training split of sklearn's {name} data set")
+    write_profile(folder, doc)
 
 
 def write_training_data(root: Path, name: str, loader: Callable[[], Any]) -> bool:

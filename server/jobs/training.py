@@ -3,7 +3,8 @@
 ``python -m server.jobs.training --model-dir D --model M --epochs N [--data CSV] [--seed S]`` reads
 a CSV (default ``D/M/data/train.csv``), holds out 25% of the rows, fits a StandardScaler and
 then one shuffled ``partial_fit`` pass of an SGD model per epoch, printing one JSON line per
-epoch; it then writes the pipeline as the model's next version and prints
+epoch; it then writes the pipeline as the model's next version (with ``profile.json``, its
+drift reference, from the training rows) and prints
 ``{"status": "complete", "version": ...}``, or ``{"error", "code"}`` and exits non-zero.
 
 Training runs in a child so that it never holds a gevent worker's GIL or hub: the worker only
@@ -36,6 +37,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from server.errors import echo
+from server.model.profile import reference, write_profile
 from server.model.repository import VERSION_RE, is_valid_name
 
 DATA_FILE = Path("data") / "train.csv"
@@ -176,14 +178,18 @@ def _is_classification(meta: dict[str, Any], y: Any) -> bool:
     return bool(np.all(y == np.round(y)) and len(np.unique(y)) <= MAX_CLASSES)
 
 
-def _publish(folder: Path, estimator: Any, meta: dict[str, Any]) -> str:
-    """Write estimator + metadata aside, then rename into the next free version number."""
+def _publish(folder: Path, estimator: Any, meta: dict[str, Any],
+             profile: dict[str, Any] | None = None) -> str:
+    """Write estimator, metadata and drift profile aside, then rename into the next free
+    version number."""
     staging = folder / f".staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         joblib.dump(estimator, staging / "model.joblib")
         (staging / "metadata.json").write_text(json.dumps(meta, indent=2))
+        if profile is not None:
+            write_profile(staging, profile)
         taken = [int(e.name) for e in os.scandir(folder) if VERSION_RE.match(e.name)]
         version = max(taken, default=0) + 1
         while True:
@@ -253,7 +259,12 @@ def train(model_dir: Path, model: str, epochs: int, data: Path | None, seed: int
     # Names are by class index; keep them only when every trained class has one.
     if classify and isinstance(given, list) and classes.min() >= 0 and classes.max() < len(given):
         out["class_names"] = [str(given[c]) for c in classes.tolist()]
-    return _publish(folder, Pipeline([("scaler", scaler), ("sgd", sgd)]), out)
+    pipeline = Pipeline([("scaler", scaler), ("sgd", sgd)])
+    # The drift reference: the rows the version was fitted on and its answers on them.
+    profile = reference(X_train, pipeline.predict(X_train), names,
+                        sgd.classes_ if classify else None,
+                        source="POST /train/stream: the training rows")
+    return _publish(folder, pipeline, out, profile)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 from sklearn.base import is_classifier
 
-from server.model.repository import VersionOnDisk
+from server.model.profile import Profile, ProfileError, load_profile
+from server.model.repository import Stamp, VersionOnDisk
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ class LoadedVersion:
     version: str
     estimator: Any
     sha256: str
-    stamp: tuple[int, int, int, str]
+    stamp: Stamp
     n_features: int | None
     feature_names: tuple[str, ...] | None
     feature_index: dict[str, int] | None
@@ -51,6 +52,10 @@ class LoadedVersion:
     backend: str = "sklearn"
     backend_note: str | None = None
     predict_fn: Callable[[np.ndarray], np.ndarray] | None = None
+    # The reference profile for drift monitoring (profile.json beside the artifact), or None
+    # and why not: a version without a usable one serves as any other.
+    profile: Profile | None = None
+    profile_note: str | None = None
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -119,6 +124,25 @@ def build_version(found: VersionOnDisk, estimator: Any, sha256: str) -> LoadedVe
         metadata=meta,
         loaded_at=time.time(),
     ))
+
+
+def with_profile(lv: LoadedVersion, raw: bytes | None | OSError) -> LoadedVersion:
+    """``lv`` with the profile read from ``raw`` (profile.json's bytes, None when absent, the
+    error when unreadable), checked against ``lv``; never raises: a profile that does not fit
+    leaves the version without a reference, and ``profile_note`` says why."""
+    if raw is None:
+        return replace(lv, profile_note="no profile.json beside the artifact")
+    if isinstance(raw, OSError):
+        note = f"profile.json unreadable: {raw.strerror or raw}"
+    else:
+        try:
+            profile = load_profile(raw, lv.n_features, lv.feature_names, lv.classes)
+            return replace(lv, profile=profile, profile_note=None)
+        except ProfileError as exc:
+            note = f"profile.json unusable: {exc}"[:300]
+    log.warning("no drift reference", extra={"model": lv.name, "version": lv.version,
+                                             "err": note})
+    return replace(lv, profile=None, profile_note=note)
 
 
 BACKENDS = ("sklearn", "onnx")

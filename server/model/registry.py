@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.errors import ApiError, echo, not_found
-from server.model.loaded import LoadedVersion, build_version
-from server.model.repository import VERSION_RE, ModelRepository, VersionOnDisk
+from server.model.loaded import LoadedVersion, build_version, with_profile
+from server.model.repository import VERSION_RE, ModelRepository, Stamp, VersionOnDisk
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class FailedVersion:
     name: str
     version: str
     error: str
-    stamp: tuple[int, int, int, str]
+    stamp: Stamp
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "state": "FAILED", "error": self.error}
@@ -172,6 +172,11 @@ class ModelRegistry:
             sha = self.repository.sha256(found.path)
             estimator = self.repository.load(found.path)
             lv = build_version(found, estimator, sha)
+            try:
+                profile: bytes | None | OSError = self.repository.read_profile(found)
+            except OSError as exc:
+                profile = exc
+            lv = with_profile(lv, profile)
             for hook in self.on_load:
                 lv = hook(lv)
             return lv

@@ -20,8 +20,13 @@ import joblib
 log = logging.getLogger(__name__)
 
 ARTIFACT = "model.joblib"
+PROFILE = "profile.json"  # the version's reference profile for drift monitoring (optional)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 VERSION_RE = re.compile(r"^[1-9][0-9]{0,17}$")
+
+# What a version's files were when it was loaded: artifact size and mtime, metadata.json's
+# and profile.json's mtimes (0 when absent), and what model.json sets for every version.
+Stamp = tuple[int, int, int, int, str]
 
 
 @dataclass(frozen=True)
@@ -37,12 +42,15 @@ class VersionOnDisk:
     metadata: dict[str, Any] = field(default_factory=dict)
     metadata_error: str | None = None
     defaults: str = ""  # what model.json sets for every version, as sorted JSON
+    profile_mtime_ns: int = 0  # of profile.json (0 when absent)
 
     @property
-    def stamp(self) -> tuple[int, int, int, str]:
-        """Changes when the artifact or its metadata.json changes on disk, or when model.json
-        changes what it sets for every version (a label edit alone does not count)."""
-        return (self.size, self.mtime_ns, self.meta_mtime_ns, self.defaults)
+    def stamp(self) -> Stamp:
+        """Changes when the artifact, its metadata.json or its profile.json changes on disk,
+        or when model.json changes what it sets for every version (a label edit alone does
+        not count)."""
+        return (self.size, self.mtime_ns, self.meta_mtime_ns, self.profile_mtime_ns,
+                self.defaults)
 
 
 @dataclass(frozen=True)
@@ -134,9 +142,14 @@ class ModelRepository:
                 metadata = _read_json(meta_path)
             except (OSError, ValueError) as exc:
                 error = f"metadata.json unreadable: {exc}"
+        try:
+            profile_mtime = (folder / PROFILE).stat().st_mtime_ns
+        except OSError:
+            profile_mtime = 0
         return VersionOnDisk(name, folder.name, artifact, st.st_size, st.st_mtime_ns,
                              meta_mtime, {**defaults, **metadata}, error,
-                             json.dumps(defaults, sort_keys=True, default=str))
+                             json.dumps(defaults, sort_keys=True, default=str),
+                             profile_mtime_ns=profile_mtime)
 
     def experiments_file(self) -> tuple[int, dict[str, Any] | None, str | None]:
         """``experiments.json``: (mtime_ns or 0 when absent, its object, the read error)."""
@@ -156,6 +169,16 @@ class ModelRepository:
             return None
         candidate = self.root / name / version / ARTIFACT
         return candidate if inside(self.root, candidate) else None
+
+    def read_profile(self, found: VersionOnDisk) -> bytes | None:
+        """The bytes of the version's profile.json, None when it has none; OSError when it
+        cannot be read (or lies outside the repository)."""
+        path = found.path.parent / PROFILE
+        if not (path.exists() or path.is_symlink()):
+            return None
+        if not inside(self.root, path):
+            raise OSError(f"{PROFILE} lies outside the model repository")
+        return path.read_bytes()
 
     @staticmethod
     def sha256(path: Path) -> str:

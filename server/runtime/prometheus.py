@@ -137,6 +137,18 @@ LOG_DROPPED = Counter("prediction_log_dropped_total", "Rows the prediction log d
                       "per-worker buffer was full while the database was down or slow.")
 LOG_FAILURES = Counter("prediction_log_write_failures_total",
                        "Prediction log writes that failed (retried later).")
+# Drift scores over the window, computed every few seconds by one worker per server (the one
+# holding RUNTIME_DIR/drift.lock) from every worker's counts: "livemostrecent" shows the
+# latest value any live worker set, so a new leader takes over where a dead one stopped.
+FEATURE_DRIFT = Gauge("model_feature_drift_psi", "PSI of a feature's live values against the "
+                      "version's training profile, over DRIFT_WINDOW_SECONDS.",
+                      ["model", "version", "feature"], multiprocess_mode="livemostrecent")
+PREDICTION_DRIFT = Gauge("model_prediction_drift_psi", "PSI of the version's predictions "
+                         "against those on its training data, over DRIFT_WINDOW_SECONDS.",
+                         ["model", "version"], multiprocess_mode="livemostrecent")
+DRIFT_DROPPED = Counter("drift_rows_dropped_total", "Served rows missing from the drift "
+                        "counts: a flush backlog, rows that did not fit the profile, or (from "
+                        "the instances' sum) Redis away for longer than the window.")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # The method label's values; anything else counts as "other" (a client must not be able to
 # create a label value per made-up method).

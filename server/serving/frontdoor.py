@@ -20,6 +20,7 @@ from server.model.loaded import LoadedVersion
 from server.model.predict import RowInput, to_matrix
 from server.model.registry import ModelRegistry
 from server.serving.dataplane import DataPlane, Outcome
+from server.serving.drift import DriftMonitor
 from server.serving.predlog import Origin, PredictionLog
 
 
@@ -51,11 +52,13 @@ class FrontDoor:
     """Target, rows, limits, prediction and readiness, the same for every protocol."""
 
     def __init__(self, registry: ModelRegistry, dataplane: DataPlane,
-                 limits: Limits | None = None, log: PredictionLog | None = None) -> None:
+                 limits: Limits | None = None, log: PredictionLog | None = None,
+                 drift: DriftMonitor | None = None) -> None:
         self.registry = registry
         self.dataplane = dataplane
         self.limits = limits or Limits()
         self.log = log  # the prediction log; None when PREDICTION_LOG=off
+        self.drift = drift  # live drift monitoring; None when DRIFT=off
         self.draining = False  # SIGTERM received: not ready, no new long-lived streams
 
     # -- the target ------------------------------------------------------------------------
@@ -92,17 +95,19 @@ class FrontDoor:
 
     def predict(self, lv: LoadedVersion, X: np.ndarray, loc: list[Any],
                 origin: Origin | None = None, first_row: int = 0) -> Outcome:
-        """The data plane's answers for a matrix built for ``lv`` (through the cache), logged
-        as coming from ``origin`` (rows numbered from ``first_row``)."""
+        """The data plane's answers for a matrix built for ``lv`` (through the cache), counted
+        for drift and logged as coming from ``origin`` (rows numbered from ``first_row``)."""
         outcome = self.dataplane.predict_resolved(lv, X, loc)
-        if origin is not None:
-            self.record(outcome, X, origin, first_row)
+        self.record(outcome, X, origin, first_row)
         return outcome
 
-    def record(self, outcome: Outcome, X: np.ndarray, origin: Origin,
+    def record(self, outcome: Outcome, X: np.ndarray, origin: Origin | None,
                first_row: int = 0) -> None:
-        """Queue the rows for the prediction log (a no-op when it is off)."""
-        if self.log is not None:
+        """Count the served rows for drift monitoring and queue them for the prediction log
+        (each a no-op when off; the log also when ``origin`` is None)."""
+        if self.drift is not None:
+            self.drift.observe(outcome, X)
+        if self.log is not None and origin is not None:
             self.log.record(outcome, X, origin, first_row)
 
     def chunk_predictor(self, lv: LoadedVersion, loc: list[Any], origin: Origin | None

@@ -94,9 +94,9 @@ def test_retry_after_only_with_429_and_503(limited: LiveServer) -> None:
     with requests.Session() as s:
         answers = [s.post(limited.url + "/predict/iris", json=ROW, headers=headers,
                           timeout=10) for _ in range(60)]
-    limited = [r for r in answers if r.status_code == 429]
-    assert limited, [r.status_code for r in answers]
-    assert all("Retry-After" in r.headers for r in limited)
+    refused = [r for r in answers if r.status_code == 429]
+    assert refused, [r.status_code for r in answers]
+    assert all("Retry-After" in r.headers for r in refused)
     assert all("Retry-After" not in r.headers for r in answers if r.status_code == 200)
 
 

@@ -67,3 +67,23 @@ def test_dask_without_distributed_prints_the_install_line(tmp_path: Path) -> Non
     done = run(["-c", code], tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "requirements-score.txt" in done.stderr
+
+
+def test_profile_writes_the_drift_reference_and_says_what_is_missing(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    assert run(["-m", "server.demo", str(repo)], tmp_path).returncode == 0
+    (repo / "iris" / "1" / "profile.json").unlink()
+    made = run(["-m", "server.profile", "iris:stable", str(repo / "iris" / "data" / "train.csv")],
+               tmp_path, MODEL_DIR=str(repo))
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.startswith("iris/1: ") and "written from 150 rows" in made.stdout
+    assert '"rows": 150' in (repo / "iris" / "1" / "profile.json").read_text()
+    unknown = run(["-m", "server.profile", "nope", "train.csv"], tmp_path, MODEL_DIR=str(repo))
+    assert unknown.returncode == 2 and "unknown model 'nope'" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+    code = WITHOUT.format(names={"pandas", "pyarrow"}, module="server.profile",
+                          argv=["iris:1", "train.parquet", "--model-dir", str(repo)])
+    done = run(["-c", code], tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install -r requirements-score.txt" in lines[0]

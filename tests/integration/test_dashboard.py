@@ -1,8 +1,8 @@
 """GET /dashboard in headless Chromium (Selenium) against a real gunicorn: the page loads
 from this origin with no console errors, its charts and tables fill with live traffic, the
-prediction form answers what the API answers, a training run streams to a new version (and a
-missing token shows the 401), and the page finds the server again after a restart on the
-same port.
+prediction form answers what the API answers, the drift panel shows a drifted feature, a
+training run streams to a new version (and a missing token shows the 401), and the page
+finds the server again after a restart on the same port.
 
 One server and one browser serve the whole module (the restart test swaps in a new server on
 the same port). A screenshot of the page after each test goes to TEST_ARTIFACTS_DIR (default
@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import requests
 from selenium import webdriver
@@ -28,6 +29,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select
+from sklearn import datasets
+from sklearn.model_selection import train_test_split
 
 from tests.conftest import ADMIN_TOKEN, ROOT, LiveServer, wait_until
 
@@ -275,6 +278,45 @@ def test_prediction_form_answers_as_the_api(dash: Dashboard, model: str, version
         rows = dash.driver.find_elements(By.CSS_SELECTOR, "#predict-probabilities tbody tr")
         assert len(rows) == len(expected["probabilities"])
     assert dash.find("#predict-error").get_attribute("hidden") is not None
+    assert dash.console_errors() == []
+
+
+def test_drift_panel_shows_the_drifted_feature(dash: Dashboard) -> None:
+    """2,000 iris rows with the sepal width shifted by 1.5 standard deviations: the panel
+    picks the most drifted version by itself, puts that feature first with a bar coloured
+    as drifted, and draws its live bins against the training ones."""
+    data = datasets.load_iris()
+    X, *_ = train_test_split(data.data, data.target, test_size=0.25, random_state=42)
+    X = np.asarray(X)
+    rows = X[np.random.default_rng(0).integers(0, len(X), 2000)]
+    rows[:, 1] += 1.5 * X[:, 1].std()
+    for start in range(0, len(rows), 100):
+        assert dash.server.fresh("POST", "/predict/batch", json={
+            "model": "iris", "version": "1", "instances": rows[start:start + 100].tolist()}).ok
+
+    wait_until(lambda: dash.driver.find_elements(
+        By.CSS_SELECTOR, '#drift-body tr[data-feature="sepal_width"][data-status="drifted"]'), 20)
+    assert dash.find("#drift-status").text == "iris v1: drifted"
+    assert dash.find("#drift-status").get_attribute("data-status") == "drifted"
+    shown = [(tr.get_attribute("data-feature"), tr.get_attribute("data-status"))
+             for tr in dash.driver.find_elements(By.CSS_SELECTOR, "#drift-body tr")]
+    assert shown[0] == ("sepal_width", "drifted")  # the worst first
+    assert {f for f, status in shown if status == "drifted"} == {"sepal_width"}
+    assert {f for f, _ in shown} == {"sepal_length", "sepal_width", "petal_length",
+                                     "petal_width", "(prediction)"}
+    bar = dash.find('#drift-body tr[data-feature="sepal_width"] .bar')
+    assert "status-drifted" in (bar.get_attribute("class") or "")
+    assert bar.value_of_css_property("background-color") == "rgba(220, 38, 38, 1)"  # --bad
+    bins = dash.find("#drift-bins")
+    assert bins.is_displayed() and bins.get_attribute("data-feature") == "sepal_width"
+    assert len(bins.find_elements(By.CSS_SELECTOR, ".bin")) == 9
+    assert dash.find("#drift-bins-title").text.startswith("Most drifted feature: sepal_width")
+    assert dash.state("drift.shown.worst_feature") == "sepal_width"
+    # The change came as a server event too.
+    wait_until(lambda: dash.driver.find_elements(
+        By.CSS_SELECTOR, '#events-list li[data-type="drift"]'), 10)
+    assert "sepal_width stable → drifted" in dash.find(
+        '#events-list li[data-type="drift"]').text
     assert dash.console_errors() == []
 
 

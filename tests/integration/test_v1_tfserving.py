@@ -275,7 +275,7 @@ def test_bad_requests_leave_the_server_answering(live_server: LiveServer) -> Non
 def test_failed_version_shows_state_end_with_its_error() -> None:
     # Pure: a broken artifact on disk would need a server of its own (seconds to stop).
     loaded: dict[str, Any] = {"1": None, "2": None}  # only the keys matter here
-    failed = {"3": FailedVersion("iris", "3", "UnpicklingError: bad", (0, 0, 0, ""))}
+    failed = {"3": FailedVersion("iris", "3", "UnpicklingError: bad", (0, 0, 0, 0, ""))}
     entry = ModelEntry("iris", {"stable": "1", "bad": "3"}, loaded, failed)
     end = {"version": "3", "state": "END",
            "status": {"error_code": "UNKNOWN", "error_message": "UnpicklingError: bad"}}

@@ -30,9 +30,8 @@ def through_experiment(experiment: str, user_id: str, features: RowInput) -> Res
     st = state()
     plane = st.dataplane
     outcome, exp, arm = plane.predict_ab(experiment, user_id, [features], ["features"])
-    where = origin("ab", exp.name, arm.name)
-    if where is not None and outcome.X is not None:
-        st.front.record(outcome, outcome.X, where)
+    if outcome.X is not None:  # counted for drift, and logged unless the log is off
+        st.front.record(outcome, outcome.X, origin("ab", exp.name, arm.name))
     g.model, g.version = exp.model, outcome.model.version
     g.cache = "HIT" if outcome.cached else "MISS"
     g.model_seconds = outcome.model_seconds

@@ -10,10 +10,11 @@
   const CACHE_RECENT_SECONDS = 10;
   const EXPERIMENT_POLL_MS = 3000;
   const QUALITY_POLL_MS = 10000;
+  const DRIFT_POLL_MS = 5000;
   const MAX_EVENTS = 60;
   const TOKEN_KEY = "dashboard.adminToken";  // sessionStorage only: gone with the tab
   const SERVER_EVENTS = ["version_added", "version_changed", "version_removed", "model_failed",
-                         "experiments_reloaded", "training_complete"];
+                         "experiments_reloaded", "training_complete", "drift"];
 
   const $ = (id) => document.getElementById(id);
 
@@ -32,6 +33,7 @@
     prediction: null,       // the last answer of the prediction form
     predictionError: null,
     training: {state: "idle", epochs: [], version: null, error: null, model: null},
+    drift: {answers: {}, shown: null, off: false},  // "model/version" -> its /drift answer
     charts: {},             // the uPlot instances: their data is what is drawn
   };
   window.dashboard = state;
@@ -379,12 +381,19 @@
     training_complete: ["training done", "good", (e) => `${e.model} v${e.version}` +
                         (e.accuracy != null ? `, accuracy ${fmt.num(e.accuracy, 3)}` : "") +
                         (e.epochs ? ` after ${e.epochs} epochs` : "")],
+    drift: ["drift", null, (e) => `${e.model} v${e.version}: ` +
+            [...Object.entries(e.features || {}),
+             ...(e.prediction ? [["prediction", e.prediction]] : [])]
+              .map(([name, c]) => `${name} ${c.from} → ${c.to} (PSI ${fmt.num(c.psi, 3)})`)
+              .join(", ")],
   };
 
   function onServerEvent(e) {
     const [kind, level, text] = EVENT_TEXT[e.type] || [e.type, null, () => JSON.stringify(e)];
-    addEvent(kind, text(e), level, e.ts, e.type);
+    const shown = e.type === "drift" ? (e.status === "drifted" ? "bad" : "good") : level;
+    addEvent(kind, text(e), shown, e.ts, e.type);
     if (e.type === "experiments_reloaded") refreshExperiments();
+    else if (e.type === "drift") refreshDrift();
     else refreshModelsSoon();
   }
 
@@ -524,6 +533,7 @@
     }
     renderModels();
     refreshQuality();
+    refreshDrift();
     fillModelSelect($("predict-model"));
     fillModelSelect($("train-model"));
     fillVersionSelect();
@@ -847,11 +857,150 @@
       colSpan: 6, className: "muted", text: "no model versions"}))]);
   }
 
+  // --- Drift against the training data -----------------------------------------------------
+  const DRIFT_RANK = {drifted: 4, moderate: 3, stable: 2, not_enough_rows: 1, no_reference: 0};
+  let driftPolling = false;
+
+  async function refreshDrift() {
+    if (driftPolling) return;
+    driftPolling = true;
+    try {
+      const answers = {};
+      for (const m of state.models || []) {
+        for (const v of m.versions) {
+          if (v.state === "FAILED") continue;
+          try {
+            answers[`${m.name}/${v.version}`] = await api(
+              `/models/${encodeURIComponent(m.name)}/versions/${v.version}/drift`);
+          } catch (err) {
+            if (err.status === 404 && err.body && err.body.code === "drift_off") {
+              state.drift.off = true;
+              renderDrift();
+              return;
+            }
+          }
+        }
+      }
+      state.drift.off = false;
+      state.drift.answers = answers;
+      fillDriftSelect();
+      renderDrift();
+    } finally {
+      driftPolling = false;
+    }
+  }
+
+  function maxPsi(answer) {
+    const values = Object.values(answer.features || {}).map((f) => f.psi ?? -1);
+    return Math.max(-1, ...values);
+  }
+
+  // The version picked in the select, else the most drifted one.
+  function driftShown() {
+    const answers = state.drift.answers;
+    const chosen = $("drift-version").value;
+    if (chosen && answers[chosen]) return answers[chosen];
+    const all = Object.values(answers);
+    all.sort((a, b) => (DRIFT_RANK[b.status] ?? 0) - (DRIFT_RANK[a.status] ?? 0) ||
+                       maxPsi(b) - maxPsi(a));
+    return all[0] || null;
+  }
+
+  function fillDriftSelect() {
+    const select = $("drift-version");
+    const chosen = select.value;
+    const keys = Object.keys(state.drift.answers);
+    replaceChildren(select, [el("option", {value: "", text: "the most drifted"}),
+      ...keys.map((k) => el("option", {value: k, text: k.replace("/", " v")}))]);
+    if (keys.includes(chosen)) select.value = chosen;
+  }
+
+  function renderDrift() {
+    const body = $("drift-body");
+    const title = $("drift-bins-title");
+    const bins = $("drift-bins");
+    const badge = $("drift-status");
+    const message = (text) => {
+      replaceChildren(body, [el("tr", {}, el("td", {colSpan: 5, className: "muted", text}))]);
+      title.hidden = bins.hidden = true;
+    };
+    if (state.drift.off) {
+      state.drift.shown = null;
+      badge.textContent = "off";
+      badge.dataset.status = "";
+      $("drift-summary").textContent = "drift monitoring is off (DRIFT=off)";
+      message("drift monitoring is off (DRIFT=off)");
+      return;
+    }
+    const a = driftShown();
+    state.drift.shown = a;
+    if (!a) {
+      badge.textContent = "–";
+      message("no model versions");
+      return;
+    }
+    badge.textContent = `${a.model} v${a.version}: ${a.status.replaceAll("_", " ")}`;
+    badge.dataset.status = a.status;
+    const minutes = Math.round(a.window_seconds / 60);
+    $("drift-summary").textContent = a.status === "no_reference" ? a.reason :
+      `${fmt.num(a.rows, 0)} rows counted in the last ${minutes} min` +
+      ` · training profile of ${fmt.num(a.reference_rows, 0)} rows` +
+      (a.note ? ` · ${a.note}` : "");
+    if (a.status === "no_reference" || a.status === "not_enough_rows") {
+      message(a.reason || a.status);
+      return;
+    }
+    const rows = Object.entries(a.features).sort((x, y) => (y[1].psi ?? 0) - (x[1].psi ?? 0));
+    if (a.prediction) rows.push(["(prediction)", a.prediction]);
+    replaceChildren(body, rows.map(([name, f]) => el("tr", {
+      dataset: {feature: name, status: f.status || ""}},
+      el("td", {text: name}), el("td", {className: "num", text: fmt.num(f.psi, 3)}),
+      el("td", {className: "num", text: fmt.p(f.p_value)}),
+      el("td", {className: "bar-cell"}, driftBar(f)),
+      el("td", {className: `status-${f.status}`, text: f.status || "–"}))));
+    renderBins(a.worst_feature, a.features[a.worst_feature]);
+  }
+
+  function driftBar(f) {
+    const node = bar((f.psi || 0) / 0.5);
+    node.classList.add(`status-${f.status}`);
+    return node;
+  }
+
+  // Live against training shares, bin by bin, of one feature.
+  function renderBins(name, f) {
+    const title = $("drift-bins-title");
+    const bins = $("drift-bins");
+    if (!f) {
+      title.hidden = bins.hidden = true;
+      return;
+    }
+    title.textContent = `Most drifted feature: ${name} (PSI ${fmt.num(f.psi, 3)}), ` +
+                        "share of rows per bin";
+    const top = Math.max(1e-9, ...f.live_proportions, ...f.reference_proportions);
+    const edges = f.edges || [];
+    bins.dataset.feature = name;
+    replaceChildren(bins, f.live_proportions.map((live, i) => {
+      const ref = f.reference_proportions[i];
+      const low = i === 0 ? "" : fmt.num(edges[i - 1], 2);
+      const label = i === 0 ? `< ${fmt.num(edges[0], 2)}` : `≥ ${low}`;
+      const column = el("div", {className: "bin", title: `${label}: live ${fmt.pct(live)}, ` +
+                                `training ${fmt.pct(ref)}`, dataset: {bin: String(i)}},
+        el("div", {className: "bin-bar live"}), el("div", {className: "bin-bar reference"}),
+        el("span", {className: "bin-label", text: edges.length ? label : "all"}));
+      column.children[0].style.height = (100 * live / top) + "%";
+      column.children[1].style.height = (100 * ref / top) + "%";
+      return column;
+    }));
+    title.hidden = bins.hidden = false;
+  }
+
   // --- Start ------------------------------------------------------------------------------
   $("predict-form").addEventListener("submit", predict);
   $("predict-model").addEventListener("change", fillVersionSelect);
   $("predict-version").addEventListener("change", renderFeatures);
   $("train-form").addEventListener("submit", train);
+  $("drift-version").addEventListener("change", renderDrift);
   const tokenField = $("admin-token");
   tokenField.value = stored(TOKEN_KEY);
   tokenField.addEventListener("input", () => store(TOKEN_KEY, tokenField.value.trim()));
@@ -866,6 +1015,9 @@
   setInterval(() => {
     if (state.connections.monitor.state === "open" && !document.hidden) refreshQuality();
   }, QUALITY_POLL_MS);
+  setInterval(() => {
+    if (state.connections.monitor.state === "open" && !document.hidden) refreshDrift();
+  }, DRIFT_POLL_MS);
 
   $("notice").addEventListener("submit", (event) => {
     event.preventDefault();
