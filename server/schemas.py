@@ -118,6 +118,10 @@ class OutcomeRequest(BaseModel):
 
 
 
+# What datetime can show back: the years 1 to 9999, in Unix seconds.
+EARLIEST, LATEST = -62135596800.0, 253402300799.0
+
+
 def parse_time(raw: Any) -> float:
     """A point in time: Unix seconds (a number or its text) or ISO 8601 text
     (``2026-12-03T10:00:00Z``; no zone = UTC)."""
@@ -134,11 +138,11 @@ def parse_time(raw: Any) -> float:
                                  ) from None
             if when.tzinfo is None:
                 when = when.replace(tzinfo=UTC)
-            return when.timestamp()
+            value = when.timestamp()
     else:
-        value = float(raw)
-    if not math.isfinite(value):
-        raise ValueError(f"not a time: '{echo(str(raw))}'")
+        value = float(raw) if abs(raw) < 1e300 else math.inf  # a 400-digit int: no float
+    if not math.isfinite(value) or not EARLIEST <= value <= LATEST:
+        raise ValueError(f"not a time: '{echo(str(raw))}' (Unix seconds from year 1 to 9999)")
     return value
 
 
@@ -180,7 +184,7 @@ class FeedbackItem(BaseModel):
     """The truth for one logged prediction: a class (``label``) or a number (``value``)."""
 
     model_config = _STRICT
-    request_id: str = Field(min_length=1, max_length=128,
+    request_id: str = Field(pattern=r"^[A-Za-z0-9._:@/+=-]{1,128}$",
                             description="The id the prediction was answered with.")
     row: int = Field(0, ge=0, le=1_000_000_000,
                      description="The row of a batch (0 for a single prediction).")

@@ -114,12 +114,14 @@ def feature_names(lv: LoadedVersion, header: list[str], positions: list[int]) ->
 def score_csv(
     lv: LoadedVersion,
     body: IO[bytes],
-    predict: Callable[[np.ndarray], list[dict[str, Any]]],
+    predict: Callable[[np.ndarray, list[int]], list[dict[str, Any]]],
     positions: list[int],
     header: list[str],
     reader: Iterator[list[str]],
 ) -> Iterator[tuple[str, int, int, int]]:
-    """Yield (csv text of a chunk, rows so far, bad rows so far, bytes read so far)."""
+    """Yield (csv text of a chunk, rows so far, bad rows so far, bytes read so far).
+    ``predict`` gets the good rows' matrix and their numbers among the data rows (0-based:
+    a rejected row keeps its number, so the numbers are the file's)."""
     columns = output_columns(lv)
     keys = [c for c in columns if c != "error"]
     width = len(header)
@@ -134,7 +136,8 @@ def score_csv(
         if not chunk:
             break
         parsed = parse_rows(chunk, positions, width, names)
-        results = iter(predict(parsed.X) if parsed.good else [])
+        results = iter(predict(parsed.X, [rows + i for i in parsed.good])
+                       if parsed.good else [])
         for raw, reason in zip(chunk, parsed.reasons):
             if reason:
                 bad += 1

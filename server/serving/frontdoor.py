@@ -21,7 +21,7 @@ from server.model.predict import RowInput, to_matrix
 from server.model.registry import ModelRegistry
 from server.serving.dataplane import DataPlane, Outcome
 from server.serving.drift import DriftMonitor
-from server.serving.predlog import Origin, PredictionLog
+from server.serving.predlog import Origin, PredictionLog, RowNumbers
 
 
 @dataclass(frozen=True)
@@ -94,31 +94,32 @@ class FrontDoor:
         return to_matrix(lv, rows, loc)
 
     def predict(self, lv: LoadedVersion, X: np.ndarray, loc: list[Any],
-                origin: Origin | None = None, first_row: int = 0) -> Outcome:
+                origin: Origin | None = None, rows: RowNumbers = 0) -> Outcome:
         """The data plane's answers for a matrix built for ``lv`` (through the cache), counted
-        for drift and logged as coming from ``origin`` (rows numbered from ``first_row``)."""
+        for drift and logged as coming from ``origin`` (``rows``: the first row's number in
+        the request, or every row's)."""
         outcome = self.dataplane.predict_resolved(lv, X, loc)
-        self.record(outcome, X, origin, first_row)
+        self.record(outcome, X, origin, rows)
         return outcome
 
     def record(self, outcome: Outcome, X: np.ndarray, origin: Origin | None,
-               first_row: int = 0) -> None:
+               rows: RowNumbers = 0) -> None:
         """Count the served rows for drift monitoring and queue them for the prediction log
         (each a no-op when off; the log also when ``origin`` is None)."""
         if self.drift is not None:
             self.drift.observe(outcome, X)
         if self.log is not None and origin is not None:
-            self.log.record(outcome, X, origin, first_row)
+            self.log.record(outcome, X, origin, rows)
 
     def chunk_predictor(self, lv: LoadedVersion, loc: list[Any], origin: Origin | None
-                        ) -> Callable[[np.ndarray], list[dict[str, Any]]]:
+                        ) -> Callable[..., list[dict[str, Any]]]:
         """For streams, which predict chunk by chunk: each chunk's answers, logged with the
-        request's running row numbers."""
+        rows' numbers in the request (given, as CSV's are, or counted on)."""
         done = 0
 
-        def predict(X: np.ndarray) -> list[dict[str, Any]]:
+        def predict(X: np.ndarray, numbers: list[int] | None = None) -> list[dict[str, Any]]:
             nonlocal done
-            outcome = self.predict(lv, X, loc, origin, done)
+            outcome = self.predict(lv, X, loc, origin, numbers if numbers is not None else done)
             done += len(X)
             return outcome.results
 

@@ -111,12 +111,19 @@ def _sqlite_path(url: str) -> str:
 class LogStore:
     """One connection to the log's database (opened on first use, reopened after a failure)."""
 
-    def __init__(self, url: str, timeout: float = 2.0) -> None:
+    def __init__(self, url: str, timeout: float = 2.0, reader: bool = False,
+                 read_seconds: float = 10.0) -> None:
+        """``reader``: a connection for one read (GET /predictions, quality, export). It
+        never migrates (the workers' writers do, at start), so a read takes no write lock;
+        on SQLite a read is cut at ``read_seconds`` (PostgreSQL: statement_timeout)."""
         self.url = url
         self.dialect, self.where = describe(url)
         self.timeout = timeout
+        self.read_seconds = read_seconds
         self._conn: Any = None
-        self._migrated = False
+        self._migrated = reader
+        self._reader = reader
+        self._deadline = 0.0
 
     # -- connection --------------------------------------------------------------------------
     def _connect(self) -> Any:
@@ -125,6 +132,9 @@ class LogStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path, timeout=self.timeout, isolation_level=None,
                                    check_same_thread=False)
+            if self._reader:
+                # Called every 10,000 steps: a statement past its deadline is interrupted.
+                conn.set_progress_handler(lambda: time.monotonic() > self._deadline, 10_000)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writers
                 conn.execute("PRAGMA synchronous=NORMAL")  # consistent; fsync per checkpoint
@@ -147,6 +157,8 @@ class LogStore:
         return self._conn
 
     def close(self) -> None:
+        if not self._reader:
+            self._migrated = False  # the database may be a new one when we reconnect
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -162,6 +174,7 @@ class LogStore:
         call reconnects) and becomes LogUnavailable. SQLite: a write transaction takes the
         write lock at once (no deadlock upgrading it later); a read never takes it."""
         conn = self.connection()
+        self._deadline = time.monotonic() + self.read_seconds
         try:
             if self.dialect == "sqlite":
                 conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
@@ -246,17 +259,20 @@ class LogStore:
             if count < batch:
                 return removed
 
-    def feedback(self, items: Sequence[tuple[str, int, str | None, float | None]]
-                 ) -> list[int]:
+    def feedback(self, items: Sequence[tuple[str, int, str | None, float | None]],
+                 api_key: str | None = None) -> list[int]:
         """Attach true labels or values: (request_id, row, label, value) per item; the number
-        of logged rows each one matched."""
+        of logged rows each one matched. With ``api_key`` (a key's hash) only the rows that
+        key was answered: one client cannot label another's predictions."""
         self.migrate()
+        scope = "" if api_key is None else " AND api_key = ?"
         sql = self._sql("UPDATE predictions SET true_label = ?, true_value = ?, feedback_ts = ? "
-                        "WHERE request_id = ? AND row_index = ?")
+                        "WHERE request_id = ? AND row_index = ?" + scope)
         now = time.time()
+        extra = () if api_key is None else (api_key,)
 
         def write(conn: Any) -> list[int]:
-            return [conn.execute(sql, (label, value, now, rid, row)).rowcount
+            return [conn.execute(sql, (label, value, now, rid, row, *extra)).rowcount
                     for rid, row, label, value in items]
 
         return list(self._run(write))

@@ -12,6 +12,8 @@ log.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import logging
 import random
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from server.runtime import prometheus
+from server.serving.batching import cooperate
 from server.serving.dataplane import Outcome
 from server.serving.logstore import LogRefused, LogStore, LogUnavailable
 
@@ -45,13 +48,17 @@ class Origin:
     arm: str | None = None
 
 
+# A request's row numbers for a predict call: the first one (the rest follow on), or each.
+RowNumbers = int | list[int]
+
+
 @dataclass
 class _Entry:
     ts: float
     origin: Origin
     outcome: Outcome
     X: np.ndarray
-    first_row: int = 0  # the request's row index of X[0] (a stream logs chunk by chunk)
+    rows: RowNumbers = 0  # a stream logs chunk by chunk; CSV skips its rejected rows
 
 
 class PredictionLog:
@@ -70,6 +77,9 @@ class PredictionLog:
         self._pending: deque[_Entry] = deque()
         self._pending_rows = 0
         self._wake = threading.Event()
+        # Reads (GET /predictions, quality, feedback) share gevent's threadpool with this
+        # writer and the DNS resolver: at most two at once per worker.
+        self.reads = threading.BoundedSemaphore(2)
         self._started = False
         self.state = "starting"
         self.last_error: str | None = None
@@ -79,7 +89,7 @@ class PredictionLog:
         self._next_purge = time.time() + random.uniform(5, 60)  # workers spread their passes
 
     # -- the request path --------------------------------------------------------------------
-    def record(self, outcome: Outcome, X: np.ndarray, origin: Origin, first_row: int = 0
+    def record(self, outcome: Outcome, X: np.ndarray, origin: Origin, rows: RowNumbers = 0
                ) -> None:
         """Queue one request's rows (or none, by PREDICTION_LOG_SAMPLE; a stream's chunks
         are sampled by their request, so a request is logged whole or not at all)."""
@@ -88,7 +98,7 @@ class PredictionLog:
         n = len(outcome)
         if n == 0:
             return
-        self._pending.append(_Entry(time.time(), origin, outcome, X, first_row))
+        self._pending.append(_Entry(time.time(), origin, outcome, X, rows))
         self._pending_rows += n
         if self._pending_rows > self.buffer_rows:
             self._drop_oldest()
@@ -112,6 +122,7 @@ class PredictionLog:
         if not self._started:
             self._started = True
             threading.Thread(target=self._run, daemon=True, name="prediction-log").start()
+            atexit.register(self.close)  # a worker's last rows are not lost at a restart
 
     def _run(self) -> None:
         pause = self.flush_seconds
@@ -123,47 +134,75 @@ class PredictionLog:
                 self._purge()
 
     def flush(self) -> bool:
-        """Write what is buffered now; False when the database refused (the rows stay)."""
+        """Write what is buffered now, ``batch_rows`` rows per statement with the loop's
+        other greenlets run between them; False when the database is out (what was not
+        written stays buffered, ahead of newer rows)."""
         if not self._pending:
             if self.state == "starting":
                 return self._check()
             return True
         entries = list(self._pending)
         self._pending.clear()
-        rows = self._pending_rows
         self._pending_rows = 0
-        try:
-            # Rows are built here, in the event loop's thread (a few µs each, no I/O); only
-            # the database call goes to a native thread, so the two threads hand the GIL
-            # back and forth once per flush instead of once per row.
-            self._offload(self.store.insert, self._rows(entries))
-        except LogRefused as exc:
-            # The database is fine and refused these rows: retrying them would block the log
-            # for good. They are dropped and counted; the next batch goes on.
-            log.error("prediction log refused a batch: dropped", extra={"err": str(exc)})
-            self.last_error = str(exc)
-            self.dropped += rows
-            prometheus.LOG_DROPPED.inc(rows)
-            prometheus.LOG_FAILURES.inc()
-            return True
-        except LogUnavailable as exc:
-            self._failed(str(exc))
-            # Back in front of whatever arrived meanwhile, within the bound.
-            self._pending.extendleft(reversed(entries))
-            self._pending_rows += rows
-            self._drop_oldest()
-            return False
-        except Exception as exc:  # noqa: BLE001 - a bug in building rows must not kill the loop
-            log.exception("prediction log: rows dropped")
-            self._failed(f"{type(exc).__name__}: {exc}")
-            self.dropped += rows
-            prometheus.LOG_DROPPED.inc(rows)
-            return False
-        self.written += rows
-        prometheus.LOG_WRITTEN.inc(rows)
+        done = 0
+        while done < len(entries):
+            group: list[_Entry] = []
+            rows = 0
+            while done + len(group) < len(entries) and (not group or rows < self.batch_rows):
+                entry = entries[done + len(group)]
+                group.append(entry)
+                rows += len(entry.outcome)
+            try:
+                self._write(self._rows(group))
+            except LogUnavailable as exc:
+                self._failed(str(exc))
+                left = entries[done:]
+                # Back in front of whatever arrived meanwhile, within the bound.
+                self._pending.extendleft(reversed(left))
+                self._pending_rows += sum(len(e.outcome) for e in left)
+                self._drop_oldest()
+                return False
+            except Exception as exc:  # noqa: BLE001 - a bug in building rows must not kill the loop
+                log.exception("prediction log: rows dropped")
+                self._failed(f"{type(exc).__name__}: {exc}")
+                self._count_dropped(rows)
+            done += len(group)
+            cooperate()
         self.last_write = time.time()
         self._recovered()
         return True
+
+    def _write(self, rows: list[tuple[Any, ...]]) -> None:
+        """One statement in a native thread. Rows the database refuses as data (not as an
+        outage) are found by halving the batch: only they are dropped, and counted."""
+        try:
+            self._offload(self.store.insert, rows)
+        except LogRefused as exc:
+            if len(rows) == 1:
+                log.error("prediction log refused a row: dropped", extra={"err": str(exc)})
+                self.last_error = str(exc)
+                prometheus.LOG_FAILURES.inc()
+                self._count_dropped(1)
+                return
+            half = len(rows) // 2
+            self._write(rows[:half])
+            self._write(rows[half:])
+            return
+        self.written += len(rows)
+        prometheus.LOG_WRITTEN.inc(len(rows))
+
+    def _count_dropped(self, rows: int) -> None:
+        self.dropped += rows
+        prometheus.LOG_DROPPED.inc(rows)
+
+    def close(self, deadline: float = 3.0) -> None:
+        """At exit: write what is buffered, in this thread, for at most ``deadline`` s."""
+        if not self._pending:
+            return
+        self._offload = lambda fn, *a: fn(*a)  # the hub may be gone by now
+        self.store.timeout = min(self.store.timeout, deadline)
+        with contextlib.suppress(Exception):
+            self.flush()
 
     def _check(self) -> bool:
         try:
@@ -203,7 +242,8 @@ class PredictionLog:
                 digest = hashlib.sha256(X[i].tobytes()).hexdigest()[:32]
                 pred = result.get("prediction")
                 out.append((
-                    e.ts, o.request_id, e.first_row + i, lv.name, lv.version, o.door,
+                    e.ts, o.request_id, e.rows + i if isinstance(e.rows, int) else e.rows[i],
+                    lv.name, lv.version, o.door,
                     o.experiment, o.arm, o.api_key,
                     features[i] if features is not None else None, digest, result,
                     str(result.get("label", pred)) if classifier else None,

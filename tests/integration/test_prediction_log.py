@@ -214,7 +214,9 @@ def test_regressor_feedback_gives_mae_and_rmse(logged: LiveServer,
 @pytest.mark.parametrize(("path", "status"), [
     ("/predictions?since=yesterday", 422), ("/predictions?limit=0", 422),
     ("/predictions?limit=5000", 422), ("/predictions?cursor=abc", 422),
-    ("/predictions?limit=%D9%A1", 422),
+    ("/predictions?limit=%D9%A1", 422), ("/predictions?request_id=a%00b", 422),
+    ("/predictions?cursor=1.0_99999999999999999999999", 422),
+    ("/predictions?since=1e12", 422), ("/models/iris/versions/1/quality?since=-1e12", 422),
 ])
 def test_bad_queries_are_4xx(logged: LiveServer, admin: dict[str, str], path: str,
                              status: int) -> None:
@@ -226,7 +228,8 @@ def test_bad_queries_are_4xx(logged: LiveServer, admin: dict[str, str], path: st
 @pytest.mark.parametrize("body", [
     {"request_id": "x"}, {"request_id": "x", "label": "a", "value": 1.0},
     {"items": []}, {"request_id": "", "label": "a"}, {"request_id": "x", "value": "NaN"},
-    {"request_id": "x", "row": -1, "label": "a"}, ["x"],
+    {"request_id": "x", "row": -1, "label": "a"}, ["x"], {"request_id": "a\u0000b", "label": "a"},
+    {"items": [{"request_id": "x", "label": "a"}] * 10_001},
 ])
 def test_bad_feedback_is_422(logged: LiveServer, body: Any) -> None:
     resp = logged.post("/feedback", json=body)

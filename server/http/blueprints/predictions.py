@@ -12,9 +12,11 @@ import orjson
 from flask import Blueprint, Response, g, request
 
 from server.errors import ApiError, echo, validation_error
+from server.http.app import REQUEST_ID_RE
 from server.http.auth import require_admin, require_api_key
 from server.http.body import read_json
 from server.http.context import json_response, state
+from server.http.origin import key_hash
 from server.protocols import native
 from server.runtime.offload import offload
 from server.schemas import FeedbackBatch, FeedbackItem, parse_time
@@ -34,9 +36,14 @@ def prediction_log() -> PredictionLog:
     return log
 
 
+READ_WAIT = 5.0  # seconds a read waits for one of the worker's read slots
+
+
 def read_log(fn: Callable[[LogStore], T]) -> T:
-    """``fn`` on a connection of its own, in a native thread; the database down is a 503."""
-    store = LogStore(prediction_log().store.url)
+    """``fn`` on a connection of its own (no migration, statements cut at 10 s), in a
+    native thread; the database down is a 503, as is waiting over 5 s for a read slot."""
+    plog = prediction_log()
+    store = LogStore(plog.store.url, reader=True)
 
     def run() -> T:
         try:
@@ -44,12 +51,17 @@ def read_log(fn: Callable[[LogStore], T]) -> T:
         finally:
             store.close()
 
+    if not plog.reads.acquire(timeout=READ_WAIT):
+        raise ApiError(503, "prediction_log_busy", "the prediction log is answering other "
+                       "reads; retry shortly", headers={"Retry-After": "1"})
     try:
         return offload(run)
     except LogUnavailable as exc:
         raise ApiError(503, "prediction_log_unavailable",
                        f"the prediction log's database is unavailable: {exc}",
                        headers={"Retry-After": "5"}) from exc
+    finally:
+        plog.reads.release()
 
 
 def _time(name: str) -> float | None:
@@ -73,6 +85,16 @@ def _int(name: str, default: int | None, low: int, high: int) -> int | None:
     return int(raw)
 
 
+def _request_id() -> str | None:
+    raw = request.args.get("request_id")
+    if not raw:
+        return None
+    if not REQUEST_ID_RE.match(raw):
+        raise validation_error(f"request_id: not a request id: '{echo(raw)}'",
+                               ["query", "request_id"])
+    return raw
+
+
 def _cursor() -> tuple[float, int] | None:
     """``?cursor=`` as a previous answer's ``next`` gave it: the last row's time and id."""
     raw = request.args.get("cursor")
@@ -84,7 +106,7 @@ def _cursor() -> tuple[float, int] | None:
     except ValueError:
         raise validation_error(f"cursor: not a cursor from 'next': '{echo(raw)}'",
                                ["query", "cursor"]) from None
-    if not math.isfinite(when):
+    if not math.isfinite(when) or not 0 <= ident < 2**63 or not row_id.isascii():
         raise validation_error("cursor: not a cursor from 'next'", ["query", "cursor"])
     return when, ident
 
@@ -122,7 +144,7 @@ def predictions() -> Response:
     args = request.args
     q = Query(model=args.get("model") or None, version=args.get("version") or None,
               since=_time("since"), until=_time("until"),
-              request_id=args.get("request_id") or None,
+              request_id=_request_id(),
               before=_cursor(), limit=limit)
     rows = read_log(lambda store: store.query(q))
     nxt = f"{rows[-1]['ts']!r}_{rows[-1]['id']}" if len(rows) == limit else None
@@ -142,7 +164,8 @@ def feedback() -> Response:
         items = [native.validate(FeedbackItem, payload)]
     truths = [(i.request_id, i.row,
                None if i.label is None else str(i.label), i.value) for i in items]
-    matched = read_log(lambda store: store.feedback(truths))
+    owner = key_hash()  # under API_KEYS a key labels only what it was answered
+    matched = read_log(lambda store: store.feedback(truths, owner))
     results = [{"request_id": i.request_id, "row": i.row,
                 "status": "recorded" if n else "not_found"}
                for i, n in zip(items, matched)]

@@ -23,7 +23,7 @@ from simple_websocket import ConnectionClosed
 from server.errors import ApiError
 from server.http.auth import message_limiter, require_api_key_or_token
 from server.http.body import refuse_deep_json, row_features
-from server.http.context import state
+from server.http.context import new_request_id, state
 from server.http.origin import origin
 from server.protocols import native
 from server.runtime import figures
@@ -90,8 +90,11 @@ def _answer(message: Any, over_limit: Callable[[], ApiError | None] | None) -> d
         req = native.validate(PredictRequest, payload, row_features(front, payload))
         lv = front.resolve(front.model_name(req.model, "'model' in the message"), req.version)
         X = front.matrix(lv, [req.features], ["features"])
-        where = origin("websocket", request_id=req.request_id)
-        body = native.predict_answer(front.predict(lv, X, ["features"], where))
+        # Each message is a request of its own: its rows are logged under its own id (the
+        # message's request_id, else a fresh one), which the answer names for feedback.
+        rid = req.request_id or new_request_id()
+        body = native.predict_answer(
+            front.predict(lv, X, ["features"], origin("websocket", request_id=rid)), rid)
     except ApiError as err:
         body = {**err.body(), "status": err.status}
     if msg_id is not None:

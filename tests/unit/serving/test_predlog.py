@@ -277,3 +277,49 @@ def test_classifier_quality(confusion: list[tuple[str, str, int]], classes: list
 ])
 def test_regressor_quality(count: int, mae: float, mse: float, expected: dict[str, Any]) -> None:
     assert regressor_quality(count, mae, mse) == expected
+
+
+def test_a_row_the_database_refuses_is_dropped_alone(
+        postgres_server: Any, iris: LoadedVersion) -> None:
+    """PostgreSQL refuses a NUL character in text: the batch is halved until only that row is
+    left out, and the rows around it are written (one client's bytes never cost others)."""
+    import psycopg
+
+    with psycopg.connect(postgres_server.url, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS t_refused")
+        conn.execute("CREATE DATABASE t_refused")
+    store = LogStore(postgres_server.url.rsplit("/", 1)[0] + "/t_refused")
+    try:
+        plog = PredictionLog(store)
+        for rid in ("good-1", "bad\x00id", "good-2", "good-3"):
+            record(plog, iris, rid, 2)
+        dropped = counter(prometheus.LOG_DROPPED)
+        assert plog.flush() is True
+        assert sorted(requests_of(store)) == ["good-1/0", "good-1/1", "good-2/0", "good-2/1",
+                                              "good-3/0", "good-3/1"]
+        assert (plog.written, plog.dropped) == (6, 2)
+        assert counter(prometheus.LOG_DROPPED) == dropped + 2
+        assert plog.state == "ok"
+    finally:
+        store.close()
+
+
+def test_rows_keep_the_numbers_they_were_given(store: LogStore, iris: LoadedVersion) -> None:
+    plog = PredictionLog(store)
+    plog.record(fake(iris, 3), IRIS_X[:3], Origin("csv-1", "csv"), [0, 2, 5])
+    plog.record(fake(iris, 2), IRIS_X[:2], Origin("stream-1", "stream"), 256)
+    assert plog.flush() is True
+    assert requests_of(store) == ["csv-1/0", "csv-1/2", "csv-1/5", "stream-1/256",
+                                  "stream-1/257"]
+
+
+def test_feedback_under_a_key_labels_only_that_keys_rows(store: LogStore,
+                                                         iris: LoadedVersion) -> None:
+    plog = PredictionLog(store)
+    plog.record(fake(iris, 1), IRIS_X[:1], Origin("shared-id", "native", "key-a"))
+    plog.record(fake(iris, 1), IRIS_X[:1], Origin("shared-id", "native", "key-b"))
+    plog.flush()
+    assert store.feedback([("shared-id", 0, "setosa", None)], "key-a") == [1]
+    assert store.feedback([("shared-id", 0, "setosa", None)], "key-c") == [0]
+    labelled = {r["api_key"]: r["true_label"] for r in logged(store)}
+    assert labelled == {"key-a": "setosa", "key-b": None}
