@@ -16,6 +16,23 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(protected_namespaces=(), extra="ignore", case_sensitive=False)
 
     model_dir: Path = Field(Path("models"), description="The model repository (MODEL_DIR).")
+    allow_pickle: bool = Field(
+        True, description="false refuses .joblib and .pkl artifacts (FAILED, with the "
+        "reason): only .skops (trusted scikit-learn, numpy and scipy types) and ONNX load."
+    )
+    model_memory_mb: float = Field(
+        0, ge=0, description="Per-worker budget for loaded versions: versions load on their "
+        "first request and the least recently used are unloaded beyond it (those named by a "
+        "label or an experiment stay). 0 = no limit, everything loads at start."
+    )
+    model_load_wait_seconds: float = Field(
+        30.0, gt=0, description="Longest a request waits for its version to load under "
+        "MODEL_MEMORY_MB (503 + Retry-After beyond)."
+    )
+    model_cache_dir: str = Field(
+        "", description="Where a worker keeps the artifacts of an s3:// MODEL_DIR (shared "
+        "by the workers of one host); unset = DATA_DIR/model-cache."
+    )
     redis_url: str = Field("", description="redis://host:port/db; empty = per-worker memory cache.")
     cache: str = Field("on", description="'off' disables the prediction cache.")
     cache_ttl: int = Field(3600, ge=1, description="Seconds a cached prediction lives (SETEX).")
@@ -172,6 +189,10 @@ class Settings(BaseSettings):
     @property
     def cache_enabled(self) -> bool:
         return self.cache.strip().lower() not in {"off", "0", "false", "no"}
+
+    @property
+    def model_cache_path(self) -> Path:
+        return Path(self.model_cache_dir) if self.model_cache_dir else self.data_dir / "model-cache"
 
     @property
     def jobs_path(self) -> Path:
