@@ -21,6 +21,9 @@ from server.jobs.export import main
 from server.serving.logstore import LogStore
 from tests.conftest import ROOT, free_port
 
+# Runs the command in subprocesses (each imports scikit-learn): not in the fast subset.
+pytestmark = pytest.mark.slow
+
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 CLASSES = {"setosa": 0, "versicolor": 1, "virginica": 2}
 NOW = time.time()
