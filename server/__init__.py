@@ -39,9 +39,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         ws,
     )
     from server.http.context import ServerApp, ServerState
+    from server.model.budget import MemoryBudget
     from server.model.predict import predict_matrix
     from server.model.registry import ModelRegistry, ReloadReport
-    from server.model.repository import ModelRepository
+    from server.model.storage import open_repository
     from server.runtime import prometheus
     from server.runtime.blas import limit_blas_threads
     from server.runtime.events import EventLog
@@ -70,8 +71,11 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     # Each version is probed for micro-batching as it loads (the registry imports nothing
     # above it: it takes the probe as a hook).
-    registry = ModelRegistry(ModelRepository(settings.model_dir),
-                             on_load=[lambda lv: batch_mode(lv, predict_matrix)])
+    # MODEL_MEMORY_MB: versions load on first request, the least recently used unloaded.
+    budget = (MemoryBudget(settings.model_memory_mb, settings.model_load_wait_seconds)
+              if settings.model_memory_mb > 0 else None)
+    registry = ModelRegistry(open_repository(settings),
+                             on_load=[lambda lv: batch_mode(lv, predict_matrix)], budget=budget)
     # Created before the first scan so that it notes the reload signal as it was then.
     reloader = Reloader(registry, settings.model_poll_seconds, settings.runtime_dir)
     registry.reload()
@@ -84,6 +88,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     cache = make_cache(settings.cache_enabled, client, settings.redis_url, settings.cache_ttl,
                        int(settings.cache_max_mb * 1_000_000), settings.redis_breaker_seconds)
     ab = Experiments(registry, RedisStats(client) if client is not None else MemoryStats())
+    if budget is not None:  # an experiment's versions stay loaded
+        budget.pinned = lambda: {(e.model, v) for e in ab.items.values() if e.error is None
+                                 for v in [*(a.version for a in e.arms), *([e.shadow] if
+                                                                          e.shadow else [])]}
     ab.reload()
     batcher = None
     if settings.batch_max_size > 1 and gevent_active():

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -15,7 +16,13 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(protected_namespaces=(), extra="ignore", case_sensitive=False)
 
-    model_dir: Path = Field(Path("models"), description="The model repository (MODEL_DIR).")
+    # A folder or s3://bucket/prefix: a str, since a Path would fold "s3://" into "s3:/".
+    model_dir: str = Field("models", description="The model repository (MODEL_DIR).")
+
+    @field_validator("model_dir", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: object) -> object:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
     allow_pickle: bool = Field(
         True, description="false refuses .joblib and .pkl artifacts (FAILED, with the "
         "reason): only .skops (trusted scikit-learn, numpy and scipy types) and ONNX load."
@@ -189,6 +196,18 @@ class Settings(BaseSettings):
     @property
     def cache_enabled(self) -> bool:
         return self.cache.strip().lower() not in {"off", "0", "false", "no"}
+
+    @property
+    def model_path(self) -> Path:
+        """The local folder of MODEL_DIR: itself, or for s3:// its mirror, a folder of
+        MODEL_CACHE_DIR named after the URL (two repositories never share one)."""
+        if not self.model_dir_remote:
+            return Path(self.model_dir)
+        return self.model_cache_path / hashlib.sha256(self.model_dir.encode()).hexdigest()[:16]
+
+    @property
+    def model_dir_remote(self) -> bool:
+        return self.model_dir.startswith("s3://")
 
     @property
     def model_cache_path(self) -> Path:

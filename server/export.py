@@ -3,22 +3,11 @@
 Parquet output needs pyarrow (requirements-score.txt); without it the command says how to
 install it, in one line."""
 
-import sys
-
-EXTRAS = {"pandas", "pyarrow"}
+from server.jobs import run_command
 
 
 def run() -> int:
-    try:
-        from server.jobs.export import main
-
-        return main()
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in EXTRAS:
-            raise
-        print(f"python -m server.export needs the scoring extras for Parquet ({exc.name} is "
-              "not installed): pip install -r requirements-score.txt", file=sys.stderr)
-        return 2
+    return run_command("export", {"pandas", "pyarrow"}, " for Parquet")
 
 
 if __name__ == "__main__":

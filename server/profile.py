@@ -4,22 +4,11 @@
 Parquet input needs pyarrow (requirements-score.txt); without it the command says how to
 install it, in one line."""
 
-import sys
-
-EXTRAS = {"pandas", "pyarrow"}
+from server.jobs import run_command
 
 
 def run() -> int:
-    try:
-        from server.jobs.profile import main
-
-        return main()
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in EXTRAS:
-            raise
-        print(f"python -m server.profile needs the scoring extras for Parquet ({exc.name} is "
-              "not installed): pip install -r requirements-score.txt", file=sys.stderr)
-        return 2
+    return run_command("profile", {"pandas", "pyarrow"}, " for Parquet")
 
 
 if __name__ == "__main__":

@@ -2,22 +2,11 @@
 
 Without the scoring extras (pandas, pyarrow) it says how to install them, in one line."""
 
-import sys
-
-EXTRAS = {"pandas", "pyarrow", "numpy"}
+from server.jobs import run_command
 
 
 def run() -> int:
-    try:
-        from server.jobs.score import main
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in EXTRAS:
-            raise
-        from server.jobs import missing_extras
-
-        print(missing_extras(str(exc.name)), file=sys.stderr)
-        return 2
-    return main()
+    return run_command("score", {"pandas", "pyarrow", "numpy"})
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from server.config import Settings
+from server.model.formats import SKOPS, dump_skops
 from server.model.profile import FILE as PROFILE
 from server.model.profile import reference, write_profile
 
@@ -76,6 +77,8 @@ def write_version(root: Path, name: str, version: str, loader: Callable[[], Any]
     if (folder / "model.joblib").exists():
         if not (folder / PROFILE).exists():
             _write_profile(folder, joblib.load(folder / "model.joblib"), X_train, data, name)
+        if not (folder / SKOPS).exists():  # a repository written before skops was
+            _write_skops(folder, joblib.load(folder / "model.joblib"))
         return False
     estimator = make().fit(X_train, y_train)
     classifier = hasattr(estimator, "classes_")
@@ -93,8 +96,16 @@ def write_version(root: Path, name: str, version: str, loader: Callable[[], Any]
     joblib.dump(estimator, tmp)
     (folder / "metadata.json").write_text(json.dumps(meta, indent=2))
     _write_profile(folder, estimator, X_train, data, name)
+    _write_skops(folder, estimator)
     tmp.replace(folder / "model.joblib")  # atomic: a poll never sees half an artifact
     return True
+
+
+def _write_skops(folder: Path, estimator: Any) -> None:
+    """``model.skops`` beside ``model.joblib``, written aside and renamed into place."""
+    tmp = folder / f"{SKOPS}.tmp"
+    dump_skops(estimator, tmp)
+    tmp.replace(folder / SKOPS)
 
 
 def _write_profile(folder: Path, estimator: Any, X_train: Any, data: Any, name: str) -> None:
@@ -144,7 +155,7 @@ def write_demo(root: Path) -> list[str]:
 
 def main(argv: list[str]) -> int:
     """``python -m server.demo [DIR]``: DIR defaults to MODEL_DIR, as the server reads it."""
-    root = Path(argv[0]) if argv else Settings().model_dir
+    root = Path(argv[0]) if argv else Settings().model_path
     written = write_demo(root)
     print(f"demo repository {root}: wrote {', '.join(written) or 'nothing (already there)'}")
     return 0

@@ -328,7 +328,7 @@ def export(args: argparse.Namespace) -> str:
         except ValidationError as exc:
             raise Unusable(f"bad setting in the environment: {exc.errors()[0]['msg']} "
                            f"({'.'.join(map(str, exc.errors()[0]['loc']))})") from None
-        model_dir = settings.model_dir if model_dir is None else model_dir
+        model_dir = settings.model_path if model_dir is None else model_dir
         url = settings.prediction_log_url if url is None else url
     entry = load_entry(model_dir, args.model)
     try:

@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from server.config import Settings
+from server.errors import ApiError
 from server.model.loaded import LoadedVersion, build_version
 from server.model.predict import parse_number, predict_columns
 from server.model.profile import BINS, ProfileError, reference, write_profile
 from server.model.repository import ModelRepository
+from server.protocols.csvrows import feature_positions
 
 TARGET = "target"
 EXIT_UNUSABLE = 2
@@ -52,21 +54,22 @@ def load_version(root: Path, target: str) -> LoadedVersion:
     if found.metadata_error:
         raise Unusable(f"{name}/{found.version}: {found.metadata_error}")
     try:
-        return build_version(found, repo.load(found.path), repo.sha256(found.path))
+        return build_version(found, *repo.read(found))
     except Exception as exc:  # noqa: BLE001 - a broken artifact is the user's to hear about
         raise Unusable(f"{name}/{found.version} does not load: {type(exc).__name__}: {exc}") \
             from None
 
 
-def columns_of(lv: LoadedVersion, header: list[str]) -> tuple[list[str], list[int]]:
-    """The feature names and their positions in ``header``."""
+def columns_of(lv: LoadedVersion, header: list[str], source: Path
+               ) -> tuple[list[str], list[int]]:
+    """The feature names and their positions in ``header``: the version's names, found as
+    every CSV door finds them, or, for a model without names, every column but ``target``
+    (as many as the model takes)."""
     if lv.feature_names:
-        names = list(lv.feature_names)
-        missing = [n for n in names if n not in header]
-        if missing:
-            raise Unusable(f"the data lacks column(s) {', '.join(missing)} of "
-                           f"{lv.name}/{lv.version}")
-        return names, [header.index(n) for n in names]
+        try:
+            return list(lv.feature_names), feature_positions(lv, header)
+        except ApiError as exc:
+            raise Unusable(f"{source}: {exc.message}") from None
     names = [h for h in header if h != TARGET]
     if lv.n_features is not None and len(names) != lv.n_features:
         raise Unusable(f"{len(names)} feature columns besides '{TARGET}'; "
@@ -82,7 +85,7 @@ def read_csv(path: Path, lv: LoadedVersion) -> tuple[list[str], np.ndarray]:
     with fh:
         reader = csv.reader(fh)
         header = [h.strip() for h in next(reader, [])]
-        names, positions = columns_of(lv, header)
+        names, positions = columns_of(lv, header, path)
         rows: list[list[float]] = []
         for line, row in enumerate(reader, start=2):
             if not row or not any(cell.strip() for cell in row):
@@ -106,7 +109,7 @@ def read_parquet(path: Path, lv: LoadedVersion) -> tuple[list[str], np.ndarray]:
         header = list(pq.read_schema(path).names)
     except (OSError, ValueError) as exc:
         raise Unusable(f"{path}: not a readable Parquet file: {exc}") from None
-    names, _ = columns_of(lv, header)
+    names, _ = columns_of(lv, header, path)
     table = pq.read_table(path, columns=names).to_pandas()
     try:
         X = np.array(table.to_numpy(dtype=np.float64, na_value=np.nan))
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the model repository (default: MODEL_DIR)")
     parser.add_argument("--bins", type=int, default=BINS, help=f"bins per feature ({BINS})")
     args = parser.parse_args(argv)
-    root = args.model_dir or Settings().model_dir
+    root = args.model_dir or Settings().model_path
     try:
         if not 2 <= args.bins <= 100:
             raise Unusable("--bins: from 2 to 100")

@@ -26,7 +26,7 @@ from server.jobs.files import sweep
 from server.jobs.runner import WorkerContext, run_job, worker_name
 from server.jobs.store import JobStore
 from server.model.registry import ModelRegistry
-from server.model.repository import ModelRepository
+from server.model.storage import open_repository
 from server.runtime.blas import limit_blas_threads
 
 log = logging.getLogger("server.jobs")
@@ -69,7 +69,7 @@ class JobTask(Task):  # type: ignore[misc]
         if self._context is None or self._pid != os.getpid():
             settings = app.settings
             limit_blas_threads(settings.blas_threads)
-            registry = ModelRegistry(ModelRepository(settings.model_dir))
+            registry = ModelRegistry(open_repository(settings))
             self._context = WorkerContext(settings, app.store(), registry, worker_name())
             self._pid = os.getpid()
         return self._context

@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         except ModuleNotFoundError:
             print(missing_extras("dask.distributed"), file=sys.stderr)
             return EXIT_UNREADABLE
-    model_dir = args.model_dir if args.model_dir is not None else Settings().model_dir
+    model_dir = args.model_dir if args.model_dir is not None else Settings().model_path
     return score(model_dir, args.model, args.input, args.output, args.chunk_rows,
                  args.dask, args.clean)
 

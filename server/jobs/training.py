@@ -37,6 +37,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from server.errors import echo
+from server.model.formats import SKOPS, dump_skops
 from server.model.profile import reference, write_profile
 from server.model.repository import VERSION_RE, is_valid_name
 
@@ -44,7 +45,9 @@ DATA_FILE = Path("data") / "train.csv"
 TARGET = "target"
 HELD_OUT = 0.25
 MAX_CLASSES = 100  # an integer target with more distinct values than this is a regression
-_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+# The folder holding the ``server`` package (not ``server/`` itself: on the path, its
+# ``http`` package would hide the standard library's, which skops imports).
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 class TrainingError(Exception):
@@ -187,6 +190,7 @@ def _publish(folder: Path, estimator: Any, meta: dict[str, Any],
     staging.mkdir()
     try:
         joblib.dump(estimator, staging / "model.joblib")
+        dump_skops(estimator, staging / SKOPS)  # the safe format, loaded when present
         (staging / "metadata.json").write_text(json.dumps(meta, indent=2))
         if profile is not None:
             write_profile(staging, profile)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import is_classifier
 
+from server.model.formats import memory_bytes
 from server.model.profile import Profile, ProfileError, load_profile
 from server.model.repository import Stamp, VersionOnDisk
 
@@ -56,6 +57,8 @@ class LoadedVersion:
     # and why not: a version without a usable one serves as any other.
     profile: Profile | None = None
     profile_note: str | None = None
+    # What the estimator costs in memory: its pickle size (server.model.formats.memory_bytes)
+    memory_bytes: int = 0
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -69,6 +72,8 @@ class LoadedVersion:
             "loaded_at": self.loaded_at,
             "backend": self.backend,
             "micro_batching": self.microbatch,
+            "loaded": True,
+            "memory_mb": round(self.memory_bytes / 1_000_000, 3),
         }
         if self.microbatch_note is not None:
             out["micro_batching_note"] = self.microbatch_note
@@ -123,6 +128,7 @@ def build_version(found: VersionOnDisk, estimator: Any, sha256: str) -> LoadedVe
         scores=scores,
         metadata=meta,
         loaded_at=time.time(),
+        memory_bytes=memory_bytes(estimator),
     ))
 
 
@@ -131,7 +137,7 @@ def with_profile(lv: LoadedVersion, raw: bytes | None | OSError) -> LoadedVersio
     error when unreadable), checked against ``lv``; never raises: a profile that does not fit
     leaves the version without a reference, and ``profile_note`` says why."""
     if raw is None:
-        return replace(lv, profile_note="no profile.json beside the artifact")
+        return replace(lv, profile=None, profile_note="no profile.json beside the artifact")
     if isinstance(raw, OSError):
         note = f"profile.json unreadable: {raw.strerror or raw}"
     else:

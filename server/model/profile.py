@@ -38,8 +38,19 @@ class ProfileError(ValueError):
     """profile.json cannot be used for this version: why, in words for a person."""
 
 
+class _Binned:
+    """A reference's training counts per bin, and their shares (even when it has none)."""
+
+    counts: np.ndarray
+
+    @property
+    def proportions(self) -> np.ndarray:
+        total = self.counts.sum()
+        return self.counts / total if total else np.full(len(self.counts), 1 / len(self.counts))
+
+
 @dataclass(frozen=True, eq=False)
-class FeatureReference:
+class FeatureReference(_Binned):
     name: str
     edges: np.ndarray  # inner edges, increasing: len(edges) + 1 bins, the end bins open
     counts: np.ndarray  # training values per bin (missing values excluded)
@@ -47,23 +58,13 @@ class FeatureReference:
     minimum: float | None  # None when every training value was missing
     maximum: float | None
 
-    @property
-    def proportions(self) -> np.ndarray:
-        total = self.counts.sum()
-        return self.counts / total if total else np.full(len(self.counts), 1 / len(self.counts))
-
 
 @dataclass(frozen=True, eq=False)
-class PredictionReference:
+class PredictionReference(_Binned):
     kind: str  # "classes" (a classifier's class shares) or "quantiles" (a regressor's)
     counts: np.ndarray
     classes: list[Any] | None = None  # kind "classes": the classes, in the model's order
     edges: np.ndarray | None = None  # kind "quantiles": inner edges over predicted values
-
-    @property
-    def proportions(self) -> np.ndarray:
-        total = self.counts.sum()
-        return self.counts / total if total else np.full(len(self.counts), 1 / len(self.counts))
 
 
 @dataclass(frozen=True, eq=False)

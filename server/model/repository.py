@@ -1,4 +1,5 @@
-"""The model repository on disk: ``NAME/<int version>/model.joblib`` plus optional metadata.
+"""The model repository on disk: ``NAME/<int version>/model.{skops,joblib,pkl}`` plus optional
+metadata (the artifact formats are in server.model.formats).
 
 Only this module touches MODEL_DIR. Names coming from outside are checked against a strict
 pattern and every resolved path must stay inside the repository (symlinks included).
@@ -13,13 +14,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import joblib
+from server.model.formats import artifact_order, check_pin, deserialize, sha256_of
 
 log = logging.getLogger(__name__)
 
-ARTIFACT = "model.joblib"
 PROFILE = "profile.json"  # the version's reference profile for drift monitoring (optional)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 VERSION_RE = re.compile(r"^[1-9][0-9]{0,17}$")
@@ -27,6 +27,18 @@ VERSION_RE = re.compile(r"^[1-9][0-9]{0,17}$")
 # What a version's files were when it was loaded: artifact size and mtime, metadata.json's
 # and profile.json's mtimes (0 when absent), and what model.json sets for every version.
 Stamp = tuple[int, int, int, int, str]
+
+
+def profile_only(old: Stamp, new: Stamp) -> bool:
+    """True when ``new`` differs from ``old`` in profile.json's mtime alone: the artifact,
+    its metadata and model.json's defaults are as they were."""
+    return old != new and old[:3] + old[4:] == new[:3] + new[4:]
+
+
+class Mirror(Protocol):
+    def sync(self) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -82,13 +94,19 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 class ModelRepository:
-    """Reads MODEL_DIR. Stateless apart from the root path."""
+    """Reads MODEL_DIR. Stateless apart from the root path and ALLOW_PICKLE."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, allow_pickle: bool = True, mirror: Mirror | None = None) -> None:
         self.root = Path(root).absolute()
+        self.allow_pickle = allow_pickle
+        # An s3:// MODEL_DIR: ``root`` is its local mirror, synced before each scan
+        # (server.model.storage); None for a local folder.
+        self.mirror = mirror
 
     def scan(self) -> dict[str, ModelOnDisk]:
         models: dict[str, ModelOnDisk] = {}
+        if self.mirror is not None:
+            self.mirror.sync()  # never raises: an outage leaves the mirror as it was
         try:
             entries = sorted(os.scandir(self.root), key=lambda e: e.name)
         except OSError as exc:
@@ -126,10 +144,8 @@ class ModelRepository:
                       defaults: dict[str, Any]) -> VersionOnDisk | None:
         """A version folder; its metadata.json over the model's ``defaults`` (model.json).
         A change to either changes the version's stamp, so it is loaded again."""
-        artifact = folder / ARTIFACT
-        if not inside(self.root, artifact):
-            if artifact.exists() or artifact.is_symlink():
-                log.warning("artifact outside repository ignored", extra={"path": str(artifact)})
+        artifact = self._artifact(folder)
+        if artifact is None:
             return None
         st = artifact.stat()
         metadata: dict[str, Any] = {}
@@ -167,8 +183,18 @@ class ModelRepository:
         """The artifact of NAME/VERSION when both are well formed and it lies inside the root."""
         if not (is_valid_name(name) and VERSION_RE.match(version)):
             return None
-        candidate = self.root / name / version / ARTIFACT
-        return candidate if inside(self.root, candidate) else None
+        return self._artifact(self.root / name / version)
+
+    def _artifact(self, folder: Path) -> Path | None:
+        """The folder's artifact: the first of ``artifact_order`` there that lies inside the
+        root."""
+        for filename in artifact_order(self.allow_pickle):
+            candidate = folder / filename
+            if inside(self.root, candidate):
+                return candidate
+            if candidate.is_symlink():
+                log.warning("artifact outside repository ignored", extra={"path": str(candidate)})
+        return None
 
     def read_profile(self, found: VersionOnDisk) -> bytes | None:
         """The bytes of the version's profile.json, None when it has none; OSError when it
@@ -188,10 +214,17 @@ class ModelRepository:
                 digest.update(block)
         return digest.hexdigest()
 
+    def read(self, found: VersionOnDisk) -> tuple[Any, str]:
+        """The version's estimator and its artifact's sha256. The bytes are read once, hashed,
+        checked against a ``sha256`` pinned in metadata.json, and only then deserialized
+        (skops with trusted types only; a pickle only under ALLOW_PICKLE)."""
+        data = found.path.read_bytes()
+        sha = sha256_of(data)
+        check_pin(found.metadata, sha)
+        return self._ready(deserialize(found.path.name, data, self.allow_pickle)), sha
+
     @staticmethod
-    def load(path: Path) -> Any:
-        """Unpickle an artifact (trusted code: callers only pass paths from ``scan``)."""
-        estimator = joblib.load(path)
+    def _ready(estimator: Any) -> Any:
         if not callable(getattr(estimator, "predict", None)):
             raise TypeError(f"{type(estimator).__name__} has no predict method")
         single_threaded(estimator)

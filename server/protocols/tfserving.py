@@ -344,7 +344,7 @@ def model_status(entry: ModelEntry, version: str | None, label: str | None) -> d
     """GetModelStatusResponse: every version, or the one a version or label names. A version
     that failed to load is in state END with its error, as TF Serving shows it."""
     every = {v: _status(v, "END", "UNKNOWN", f.error) for v, f in entry.failed.items()}
-    every.update({v: _status(v, "AVAILABLE") for v in entry.versions})
+    every.update({v: _status(v, "AVAILABLE") for v in entry.servable})  # loaded or not
     if label is not None:
         if label not in entry.labels:
             raise not_found("label", f"model '{entry.name}' has no label '{echo(label)}'")

@@ -132,6 +132,13 @@ MODEL_TIME = Histogram("prediction_duration_seconds", "Model time of one predict
                                                       .01, .025, .05, .1, .25, .5, 1, 2.5, 10))
 LOAD_FAILURES = Counter("model_load_failures_total", "Model versions that failed to load.",
                         ["model"])
+MODEL_LOADS = Counter("model_loads_total", "Versions loaded on first request (MODEL_MEMORY_MB).",
+                      ["model"])
+MODEL_UNLOADS = Counter("model_unloads_total", "Versions unloaded to fit MODEL_MEMORY_MB.",
+                        ["model"])
+MODEL_LOAD_TIME = Histogram("model_load_duration_seconds", "Time to load a version on its first "
+                            "request (MODEL_MEMORY_MB).", buckets=(.01, .025, .05, .1, .25, .5,
+                                                                   1, 2.5, 5, 10, 30, 60))
 LOG_WRITTEN = Counter("prediction_log_written_total", "Rows written to the prediction log.")
 LOG_DROPPED = Counter("prediction_log_dropped_total", "Rows the prediction log dropped: its "
                       "per-worker buffer was full while the database was down or slow.")
@@ -148,7 +155,8 @@ PREDICTION_DRIFT = Gauge("model_prediction_drift_psi", "PSI of the version's pre
                          ["model", "version"], multiprocess_mode="livemostrecent")
 DRIFT_DROPPED = Counter("drift_rows_dropped_total", "Served rows missing from the drift "
                         "counts: a flush backlog, rows that did not fit the profile, or (from "
-                        "the instances' sum) Redis away for longer than the window.")
+                        "the instances' sum) Redis away for longer than the window, or a push "
+                        "that timed out (it may have been applied: never sent twice).")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # The method label's values; anything else counts as "other" (a client must not be able to
 # create a label value per made-up method).

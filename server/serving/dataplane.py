@@ -206,8 +206,10 @@ class DataPlane:
         """Tell the cache which artifact each loaded version is: it drops the answers of a
         version recorded for another artifact (a changed one included), now or, if Redis is
         out, once it is back."""
-        shas = {(lv.name, lv.version): lv.sha256
-                for entry in self.registry.models.values() for lv in entry.versions.values()}
+        shas = {(entry.name, v): lv.sha256 for entry in self.registry.models.values()
+                for v, lv in entry.versions.items()}
+        shas.update({(entry.name, v): idle.sha256 for entry in self.registry.models.values()
+                     for v, idle in entry.unloaded.items()})
         self.cache.sync_versions(shas)
 
     def cache_status(self) -> dict[str, Any]:

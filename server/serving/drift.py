@@ -10,33 +10,33 @@ the worker (``threading`` is gevent's) bins what was taken, vectorised per versi
 buckets, writes them to RUNTIME_DIR for the other workers and, with Redis, adds the deltas
 to the minute's hash in one pipeline. Nothing on the request path waits for a file or Redis.
 
-Scores (``server.serving.driftscores``) cover the window: the current minute and the
-previous DRIFT_WINDOW_SECONDS / 60. One worker per server, the holder of
-``RUNTIME_DIR/drift.lock``, computes them every SCORE_SECONDS for every version with a
-profile: it sets the Prometheus gauges and publishes a ``drift`` event when a feature's (or
-the prediction's) status changes. ``GET /models/<m>/versions/<v>/drift`` computes them on
-demand in whichever worker answers.
+Scores (``server.serving.driftscores``) cover the window: DRIFT_WINDOW_SECONDS / 60 minutes,
+the current one and those before it. One worker per server (``server.serving.driftleader``)
+computes them every SCORE_SECONDS for every version with a profile: it sets the Prometheus
+gauges and publishes a ``drift`` event when a feature's (or the prediction's) status
+changes. ``GET /models/<m>/versions/<v>/drift`` computes them in
+whichever worker answers, at most once per REPORT_SECONDS and version in that worker
+(requests meanwhile, and those that come while it is computed, get that answer).
 
-Redis is optional and fail-open, like the cache: a failed flush keeps its deltas for the next
-one (those older than the window are dropped and counted), a breaker skips Redis for
-REDIS_BREAKER_SECONDS, and readers fall back to this server's own counts with a note.
+Redis is optional and fail-open, like the cache: a breaker skips Redis for
+REDIS_BREAKER_SECONDS, and readers fall back to this server's own counts with a note. A
+flush that Redis refused (or that the breaker kept back) keeps its deltas for the next one;
+one that failed after it may have reached Redis (a timeout, a connection lost mid-reply)
+drops them and counts them in ``drift_rows_dropped_total``, since HINCRBY sent twice counts
+twice. Deltas older than the window are dropped and counted too.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import redis
 
 from server.model.loaded import LoadedVersion
@@ -44,16 +44,19 @@ from server.model.profile import Profile
 from server.model.registry import ModelRegistry
 from server.runtime import prometheus
 from server.runtime.events import EventLog
+from server.runtime.offload import offload
 from server.serving.dataplane import Outcome
+from server.serving.driftleader import DriftLeader
+from server.serving.driftredis import RedisCounts, RedisUnavailable
 from server.serving.driftscores import scores
-from server.serving.driftstore import RedisCounts, RedisUnavailable, WorkerFiles, version_key
+from server.serving.driftstore import MinuteCounts, WorkerFiles, version_key, worker_alive
 
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 1.0
 SCORE_SECONDS = 2.0
+REPORT_SECONDS = 1.0  # how long a worker reuses a version's drift answer
 MAX_PENDING = 20_000  # requests waiting for the next flush; beyond, their rows are not counted
-PREDICTION = "(prediction)"  # the prediction's status among the features' in the leader's memory
 SCOPE_WORKERS = "all workers of this server"
 SCOPE_REDIS = "all instances (redis)"
 
@@ -72,20 +75,6 @@ def _predictions(outcome: Outcome) -> list[Any]:
     return outcome.columns.predictions
 
 
-@dataclass
-class _Counts:
-    """One version's counts in this worker, against one profile."""
-
-    profile: Profile
-    minutes: dict[int, np.ndarray] = field(default_factory=dict)
-    total: np.ndarray | None = None
-
-    def add(self, minute: int, vec: np.ndarray) -> None:
-        found = self.minutes.get(minute)
-        self.minutes[minute] = vec if found is None else found + vec
-        self.total = vec.copy() if self.total is None else self.total + vec
-
-
 class DriftMonitor:
     """One worker's drift counting, sharing and scoring (see the module's docstring)."""
 
@@ -93,37 +82,37 @@ class DriftMonitor:
                  *, window_seconds: int = 3600, min_rows: int = 500,
                  sample_rows_per_second: int = 1000, client: redis.Redis | None = None,
                  breaker_seconds: float = 2.0, clock: Callable[[], float] = time.time,
-                 seed: int | None = None, pid: int | None = None) -> None:
+                 seed: int | None = None, pid: int | None = None,
+                 alive: Callable[[int], bool] = worker_alive) -> None:
         self.registry = registry
-        self.events = events
         self.window_seconds = window_seconds
         self.window_minutes = max(1, math.ceil(window_seconds / 60))
         self.min_rows = min_rows
         self.budget = sample_rows_per_second
         self.clock = clock
-        self.files = WorkerFiles(runtime_dir, pid)
+        self.files = WorkerFiles(runtime_dir, pid, alive)
         self.redis = RedisCounts(client, self.window_minutes, breaker_seconds, clock) \
             if client is not None else None
-        self._lock_path = Path(runtime_dir) / "drift.lock"
-        self._status_path = Path(runtime_dir) / "drift.statuses.json"  # the leader's memory
+        self.leader = DriftLeader(runtime_dir, events, min_rows,
+                                  lambda lv: self.window_counts(lv)[0])
         self._rng = np.random.default_rng(seed)
         self._pending: list[Entry] = []
         self._budgets: dict[Profile, list[int]] = {}  # per version: [second, rows left]
-        self._counts: dict[str, _Counts] = {}
+        self._counts: dict[str, MinuteCounts] = {}
         # Redis deltas not yet written: (version key, fingerprint) -> minute -> counts
         self._deltas: dict[tuple[str, str], dict[int, np.ndarray]] = {}
         self._last_minute: int | None = None
-        self._leader: int | None = None  # the lock file's descriptor while this worker leads
-        self._statuses: dict[str, dict[str, str]] = {}  # "model/version/fp" -> name -> status
-        # Versions whose gauges hold a figure: their feature names, and whether the
-        # prediction has one too (set to NaN once the window empties or the version goes).
-        self._gauged: dict[tuple[str, str], tuple[list[str], bool]] = {}
-        self._stop = threading.Event()
         self._lock = threading.Lock()  # over the counts: flush changes them, reports read
         self._flushing = threading.Lock()  # one flush at a time
+        # Drift answers: (version key, fingerprint) -> (clock when computed, answer), and a
+        # lock per key so that one request computes while the others wait for its answer.
+        self._reports: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
+        self._computing: dict[tuple[str, str], threading.Lock] = {}
         self._started = False
         self.sampled_out = 0  # rows served but not counted: over the per-second budget
-        self.dropped = 0  # rows not counted: too many requests waiting, or Redis down too long
+        # Rows not counted: too many requests waiting, rows that did not fit the profile; or
+        # not shared: Redis down for longer than the window, a push that may have reached it
+        self.dropped = 0
 
     # -- the request path --------------------------------------------------------------------
     def observe(self, outcome: Outcome, X: np.ndarray) -> None:
@@ -157,16 +146,11 @@ class DriftMonitor:
             log.warning("drift: stale files not removed", extra={"err": str(exc)})
         threading.Thread(target=self._run, daemon=True, name="drift").start()
 
-    def stop(self) -> None:
-        """Stop the greenlet and give up leading (another worker takes over)."""
-        self._stop.set()
-        if self._leader is not None:
-            os.close(self._leader)  # closing the descriptor releases the lock
-            self._leader = None
-
     def _run(self) -> None:
+        """Until the worker exits (which also lets go of the leader's lock)."""
         next_score = time.monotonic() + SCORE_SECONDS
-        while not self._stop.wait(FLUSH_SECONDS):
+        while True:
+            time.sleep(FLUSH_SECONDS)
             try:
                 self.flush()
             except Exception:  # noqa: BLE001 - monitoring must never take the worker down
@@ -184,13 +168,13 @@ class DriftMonitor:
         Redis are written outside it."""
         with self._flushing:
             with self._lock:
-                versions, closed, items = self._count_pending()
+                versions, items = self._count_pending()
             if versions is not None:
-                self._write(versions, closed)
+                self._write(versions)
             if items:
                 self._push(items)
 
-    def _count_pending(self) -> tuple[dict[str, dict[str, Any]] | None, bool,
+    def _count_pending(self) -> tuple[dict[str, dict[str, Any]] | None,
                                       list[tuple[str, list[str], np.ndarray]]]:
         pending, self._pending = self._pending, []
         second = int(self.clock())
@@ -202,7 +186,7 @@ class DriftMonitor:
             assert lv.profile is not None
             group = (version_key(lv.name, lv.version), lv.profile.fingerprint, entry[5] // 60)
             groups.setdefault(group, []).append(entry)
-        closed = minute_now != self._last_minute
+        ticked = minute_now != self._last_minute  # a minute closed: the file says so
         self._last_minute = minute_now
         for (key, fp, minute), entries in groups.items():
             profile = entries[-1][0].profile
@@ -215,15 +199,16 @@ class DriftMonitor:
                 continue
             counts = self._counts.get(key)
             if counts is None or counts.profile.fingerprint != fp:
-                counts = self._counts[key] = _Counts(profile)
+                counts = self._counts[key] = MinuteCounts(profile, minute_now,
+                                                          self.window_minutes)
             counts.add(minute, vec)
-            closed |= minute < minute_now
             if self.redis is not None:
                 deltas = self._deltas.setdefault((key, fp), {})
                 deltas[minute] = deltas[minute] + vec if minute in deltas else vec.copy()
         self._forget(minute_now)
-        versions = self._snapshot(minute_now) if groups or closed else None
-        return versions, closed, self._take_deltas(minute_now)
+        versions = {key: counts.shared() for key, counts in self._counts.items()} \
+            if groups or ticked else None
+        return versions, self._take_deltas(minute_now)
 
     def _drop(self, rows: int) -> None:
         self.dropped += rows
@@ -254,33 +239,36 @@ class DriftMonitor:
         self.sampled_out += unsampled
         return vec
 
+    def _profiled(self) -> list[LoadedVersion]:
+        """Every loaded version with a profile."""
+        return [lv for entry in list(self.registry.models.values())
+                for lv in list(entry.versions.values()) if lv.profile is not None]
+
+    def _current(self) -> set[tuple[str, str]]:
+        """(version key, fingerprint) of every loaded version with a profile."""
+        return {(version_key(lv.name, lv.version), lv.profile.fingerprint)
+                for lv in self._profiled() if lv.profile is not None}
+
+    def refresh(self) -> None:
+        """When this worker leads: gauges and events of every version with a profile."""
+        self.leader.refresh(self._profiled())
+
     def _forget(self, minute_now: int) -> None:
-        """Drop minutes that left the window, and versions that are gone or changed."""
-        oldest = minute_now - self.window_minutes
+        """Close the minutes before ``minute_now`` and drop those that left the window;
+        forget versions that are gone or changed, and their answers."""
+        current = self._current()
         for key, counts in list(self._counts.items()):
-            model, _, version = key.rpartition("/")
-            lv = self.registry.models.get(model)
-            current = lv.versions.get(version) if lv is not None else None
-            if current is None or current.profile is None or \
-                    current.profile.fingerprint != counts.profile.fingerprint:
+            if (key, counts.profile.fingerprint) not in current:
                 del self._counts[key]
-                continue
-            for minute in [m for m in counts.minutes if m < oldest]:
-                del counts.minutes[minute]
+            else:
+                counts.close(minute_now)
+        for done in set(self._computing) - current:
+            self._reports.pop(done, None)
+            self._computing.pop(done, None)
 
-    def _snapshot(self, minute_now: int) -> dict[str, dict[str, Any]]:
-        """What the files say: per version the open minute, the closed ones, the totals
-        (the arrays are never changed in place, so they can be written after the lock)."""
-        return {key: {
-            "fp": counts.profile.fingerprint,
-            "open": {str(m): v for m, v in counts.minutes.items() if m >= minute_now},
-            "closed": {str(m): v for m, v in counts.minutes.items() if m < minute_now},
-            "total": counts.total,
-        } for key, counts in self._counts.items()}
-
-    def _write(self, versions: dict[str, dict[str, Any]], closed: bool) -> None:
+    def _write(self, versions: dict[str, dict[str, Any]]) -> None:
         try:
-            self.files.write(versions, closed)
+            self.files.write(versions)
         except OSError as exc:
             log.warning("drift counts not written", extra={"err": str(exc)})
 
@@ -288,7 +276,7 @@ class DriftMonitor:
         """The Redis deltas to push now (``_deltas`` emptied), as (key, cell names, counts)."""
         if self.redis is None or not self._deltas:
             return []
-        oldest = minute_now - self.window_minutes
+        oldest = minute_now - self.window_minutes + 1
         items = []
         for (key, fp), minutes in self._deltas.items():
             counts = self._counts.get(key)
@@ -309,8 +297,11 @@ class DriftMonitor:
         assert self.redis is not None
         try:
             self.redis.push(items)
-        except RedisUnavailable:
-            with self._lock:  # kept for the next flush
+        except RedisUnavailable as exc:
+            if exc.maybe_applied:  # sent again, they could count twice: lost, and counted
+                self._drop(sum(int(vec[-2]) for _, _, vec in items))  # the "rows" cell
+                return
+            with self._lock:  # never reached Redis: kept for the next flush
                 for key, _, vec in items:
                     _, model, version, fp, minute = key.split(":")
                     kept = self._deltas.setdefault((version_key(model, version), fp), {})
@@ -319,8 +310,9 @@ class DriftMonitor:
 
     # -- reading -----------------------------------------------------------------------------
     def window_range(self) -> range:
+        """The window's minutes: this one and the ``window_minutes - 1`` before it."""
         minute_now = int(self.clock()) // 60
-        return range(minute_now - self.window_minutes, minute_now + 1)
+        return range(minute_now - self.window_minutes + 1, minute_now + 1)
 
     def local_counts(self, lv: LoadedVersion) -> tuple[np.ndarray, np.ndarray]:
         """(window, since start) of one version over this server's workers."""
@@ -332,11 +324,8 @@ class DriftMonitor:
         with self._lock:
             mine = self._counts.get(key)
             if mine is not None and mine.profile.fingerprint == fp:
-                for minute, vec in mine.minutes.items():
-                    if minute in minutes:
-                        window += vec
-                if mine.total is not None:
-                    total += mine.total
+                window += mine.window(minutes.start, minutes.stop - 1)
+                total += mine.total
         return window, total
 
     def window_counts(self, lv: LoadedVersion) -> tuple[np.ndarray, str, str | None]:
@@ -355,7 +344,22 @@ class DriftMonitor:
         return self.local_counts(lv)[0], SCOPE_WORKERS, note
 
     def report(self, lv: LoadedVersion) -> dict[str, Any]:
-        """The drift answer of one version."""
+        """The drift answer of one version (shared: not to be changed by the caller),
+        computed at most once per REPORT_SECONDS in this worker: the scores of a wide
+        profile take tens of milliseconds."""
+        if lv.profile is None:
+            return self._report(lv)
+        key = (version_key(lv.name, lv.version), lv.profile.fingerprint)
+        with self._computing.setdefault(key, threading.Lock()):
+            now = self.clock()
+            found = self._reports.get(key)
+            if found is not None and 0 <= now - found[0] < REPORT_SECONDS:
+                return found[1]
+            body = self._report(lv)
+            self._reports[key] = (now, body)
+            return body
+
+    def _report(self, lv: LoadedVersion) -> dict[str, Any]:
         body: dict[str, Any] = {"model": lv.name, "version": lv.version,
                                 "window_seconds": self.window_seconds,
                                 "min_rows": self.min_rows}
@@ -368,107 +372,17 @@ class DriftMonitor:
         total = self.local_counts(lv)[1]
         body.update(reference_rows=profile.rows, reference_created=profile.created or None,
                     counts_scope=scope, note=note)
-        body.update(scores(profile, window, self.min_rows))
+        # Pure numpy and scipy: in a native thread under gevent, the other requests go on.
+        body.update(offload(scores, profile, window, self.min_rows))
         since = scores(profile, total, self.min_rows, detail=False,
                        span="since the server started")
         since.pop("worst_feature")
         body["since_start"] = {"counts_scope": SCOPE_WORKERS, **since}
         return body
 
-    # -- the leader: gauges and events -------------------------------------------------------
-    def _lead(self) -> bool:
-        """True while this worker holds the server's drift lock (taken when free)."""
-        if self._leader is not None:
-            return True
-        try:
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        self._leader = fd
-        try:  # where the previous leader left the statuses: a change is told once
-            saved = orjson.loads(self._status_path.read_bytes())
-            if isinstance(saved, dict):
-                self._statuses = saved
-        except (OSError, orjson.JSONDecodeError):
-            pass
-        return True
-
-    def refresh(self) -> None:
-        """In the leader: scores of every version with a profile, as gauges and events."""
-        if not self._lead():
-            return
-        changed = False
-        scored = set()
-        for entry in list(self.registry.models.values()):
-            for lv in list(entry.versions.values()):
-                if lv.profile is not None:
-                    changed |= self._score(lv)
-                    scored.add((lv.name, lv.version))
-        for pair in set(self._gauged) - scored:  # a version gone, or without a profile now
-            self._clear_gauges(pair)
-        if changed:
-            try:
-                self._status_path.write_bytes(orjson.dumps(self._statuses))
-            except OSError as exc:
-                log.warning("drift statuses not saved", extra={"err": str(exc)})
-
-    def _score(self, lv: LoadedVersion) -> bool:
-        profile = lv.profile
-        assert profile is not None
-        window = self.window_counts(lv)[0]
-        found = scores(profile, window, self.min_rows, detail=False)
-        pair = (lv.name, lv.version)
-        if found["status"] == "not_enough_rows":
-            self._clear_gauges(pair)  # the window emptied: no figure rather than an old one
-            return False
-        self._set_gauges(pair, found)
-        now = {name: s["status"] for name, s in found["features"].items()}
-        if found["prediction"] is not None:
-            now[PREDICTION] = found["prediction"]["status"]
-        key = f"{version_key(lv.name, lv.version)}/{profile.fingerprint}"
-        before = self._statuses.get(key, {})
-        moved = {name: (before.get(name, "stable"), s) for name, s in now.items()
-                 if before.get(name, "stable") != s}
-        if before == now:
-            return False
-        self._statuses[key] = now
-        if moved and self.events is not None:
-            psis = {name: s["psi"] for name, s in found["features"].items()}
-            if found["prediction"] is not None:
-                psis[PREDICTION] = found["prediction"]["psi"]
-            self.events.publish("drift", {
-                "model": lv.name, "version": lv.version, "status": found["status"],
-                "rows": found["rows"], "worst_feature": found["worst_feature"],
-                "features": {n: {"from": a, "to": b, "psi": psis[n]}
-                             for n, (a, b) in moved.items() if n != PREDICTION},
-                "prediction": ({"from": moved[PREDICTION][0], "to": moved[PREDICTION][1],
-                                "psi": psis[PREDICTION]} if PREDICTION in moved else None),
-            })
-        return True
-
-    def _set_gauges(self, pair: tuple[str, str], found: dict[str, Any]) -> None:
-        for name, s in found["features"].items():
-            prometheus.FEATURE_DRIFT.labels(*pair, name).set(s["psi"])
-        if found["prediction"] is not None:
-            prometheus.PREDICTION_DRIFT.labels(*pair).set(found["prediction"]["psi"])
-        self._gauged[pair] = (list(found["features"]), found["prediction"] is not None)
-
-    def _clear_gauges(self, pair: tuple[str, str]) -> None:
-        """NaN, as multiprocess mode cannot remove a series."""
-        if pair not in self._gauged:
-            return
-        names, prediction = self._gauged.pop(pair)
-        for name in names:
-            prometheus.FEATURE_DRIFT.labels(*pair, name).set(math.nan)
-        if prediction:
-            prometheus.PREDICTION_DRIFT.labels(*pair).set(math.nan)
-
     def status(self) -> dict[str, Any]:
-        return {"pending": len(self._pending), "sampled_out": self.sampled_out,
-                "dropped": self.dropped, "leader": self._leader is not None,
+        """This worker's side of drift monitoring, for GET /status."""
+        return {"state": "on", "window_seconds": self.window_seconds,
+                "pending": len(self._pending), "sampled_out": self.sampled_out,
+                "dropped": self.dropped, "leader": self.leader.leading,
                 "redis": self.redis.status() if self.redis is not None else None}

@@ -100,7 +100,7 @@ def _parse_one(name: str, spec: Any, registry: ModelRegistry) -> Experiment:
         if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
             raise ValueError(f"arm '{arm_name}': weight must be an integer >= 0")
         version = str(arm.get("version", "latest"))
-        registry.resolve(model, version)  # unknown version or label: rejected here
+        registry.locate(model, version)  # unknown version or label: rejected here (not loaded)
         arms.append(Arm(str(arm_name), version, weight))
     if sum(a.weight for a in arms) <= 0:
         raise ValueError("the arms' weights add up to zero")
@@ -108,7 +108,7 @@ def _parse_one(name: str, spec: Any, registry: ModelRegistry) -> Experiment:
     if spec.get("shadow") is not None:
         raw_shadow = spec["shadow"]
         shadow = str(raw_shadow.get("version") if isinstance(raw_shadow, dict) else raw_shadow)
-        registry.resolve(model, shadow)
+        registry.locate(model, shadow)
     return Experiment(name, model, tuple(arms), shadow)
 
 

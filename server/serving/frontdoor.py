@@ -129,7 +129,7 @@ class FrontDoor:
     def readiness(self) -> Readiness:
         registry = self.registry
         models = registry.models
-        servable = {n: sorted(e.versions, key=int) for n, e in models.items() if e.versions}
+        servable = {n: e.servable for n, e in models.items() if e.servable}
         failed = [f"{n}/{v}" for n, e in models.items() for v in e.failed]
         if self.draining:
             reason: str | None = "shutting down: finishing requests in flight"

@@ -81,6 +81,10 @@ def test_profile_writes_the_drift_reference_and_says_what_is_missing(tmp_path: P
     unknown = run(["-m", "server.profile", "nope", "train.csv"], tmp_path, MODEL_DIR=str(repo))
     assert unknown.returncode == 2 and "unknown model 'nope'" in unknown.stderr
     assert "Traceback" not in unknown.stderr
+    (tmp_path / "short.csv").write_text("sepal_length,petal_length,petal_width\n5.1,1.4,0.2\n")
+    short = run(["-m", "server.profile", "iris:1", "short.csv"], tmp_path, MODEL_DIR=str(repo))
+    assert short.returncode == 2  # the CSV doors' own words for a missing feature column
+    assert short.stderr.strip().endswith("short.csv: CSV header lacks feature 'sepal_width'")
     code = WITHOUT.format(names={"pandas", "pyarrow"}, module="server.profile",
                           argv=["iris:1", "train.parquet", "--model-dir", str(repo)])
     done = run(["-c", code], tmp_path)

@@ -334,3 +334,21 @@ def test_redis_down_at_start_serves_and_counts_locally(
     body = wait_until(lambda: (d := drift(server, "1"))["rows"] == 300 and d, 10)
     assert body["status"] == "stable" and body["note"].startswith("Redis unavailable")
     assert body["counts_scope"] == "all workers of this server"
+
+
+def test_workers_replaced_by_a_sighup_take_their_counts_and_files_with_them(
+        demo_repo: Path, server_factory: Callable[..., LiveServer], tmp_path: Path) -> None:
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    server = server_factory(demo_repo, RUNTIME_DIR=str(runtime), MODEL_POLL_SECONDS="0")
+
+    def writers() -> set[int]:
+        return {int(p.name[len("drift-"):-len(".json")]) for p in runtime.glob("drift-*.json")}
+
+    send(server, "1", training_rows(300))
+    wait_until(lambda: drift(server, "1")["rows"] == 300, 10)
+    old = wait_until(lambda: len(found := writers()) == 2 and found, 10)
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in old), 60, 0.1)
+    wait_until(lambda: drift(server, "1")["rows"] == 0, 10)
+    wait_until(lambda: len(found := writers()) == 2 and not found & old, 10)

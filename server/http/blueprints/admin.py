@@ -22,7 +22,7 @@ def reload() -> Response:
     models = st.registry.models
     return json_response({
         "status": "reloaded", "pid": os.getpid(), **report.as_dict(),
-        "models": {n: sorted(e.versions, key=int) for n, e in models.items()},
+        "models": {n: e.servable for n, e in models.items()},
     })
 
 

@@ -29,6 +29,9 @@ def ready() -> Response:
             "failed": ready.failed, "cache": st.dataplane.cache_status()["state"],
             # Shown, never a reason to be unready: predictions do not depend on the log.
             "prediction_log": st.front.log.state if st.front.log is not None else "off"}
+    mirror = st.registry.repository.mirror
+    if mirror is not None:  # shown, never a reason to be unready: what is loaded serves
+        body["storage"] = mirror.status()
     if ready.reason is not None:
         body["reason"] = ready.reason
     return json_response(body, 200 if ready.ok else 503)
@@ -43,12 +46,13 @@ def metrics_text() -> Response:
 
 @bp.get("/status")
 def status() -> Response:
-    """Model names, labels, the Redis address and its last error: a key's worth under
-    API_KEYS (the probes are /health and /ready)."""
+    """Model names, labels, the Redis address and its last error, this worker's prediction
+    log and drift counting: a key's worth under API_KEYS (the probes are /health and
+    /ready)."""
     require_api_key()
     st = state()
     models = {
-        name: {"latest": e.latest, "labels": e.labels, "versions": sorted(e.versions, key=int),
+        name: {"latest": e.latest, "labels": e.labels, "versions": e.servable,
                "failed": sorted(e.failed, key=int)}
         for name, e in st.registry.models.items()
     }
@@ -62,8 +66,10 @@ def status() -> Response:
         "scope": "this worker",
         "models": models,
         "last_reload": st.registry.last_reload,
+        "model_memory": st.registry.memory_status(),
         "cache": st.dataplane.cache_status(),
         "blas_threads": blas_threads(),
         "micro_batching": st.dataplane.batcher.status() if st.dataplane.batcher else None,
         "prediction_log": st.front.log.status() if st.front.log is not None else {"state": "off"},
+        "drift": st.front.drift.status() if st.front.drift is not None else {"state": "off"},
     })

@@ -39,6 +39,9 @@ QUERY_FIELDS = ("model", "epochs", "source", "since", "version", "model_version"
 @bp.post("/train/stream")
 def train_stream() -> Response:
     st = state()
+    if st.settings.model_dir_remote:  # a new version would land in one host's mirror only
+        raise ApiError(409, "repository_read_only", "MODEL_DIR is object storage: train "
+                       "elsewhere and upload the new version")
     st.stream_slot()
     posted: Path | None = None
     started: dict[str, Any] = {}
@@ -63,8 +66,8 @@ def train_stream() -> Response:
         if req.source == "feedback":
             posted, started = _spool_feedback(st, req)
         else:
-            stored = data_path(st.settings.model_dir, req.model)
-            if not inside(Path(st.settings.model_dir), stored):
+            stored = data_path(st.settings.model_path, req.model)
+            if not inside(st.settings.model_path, stored):
                 raise not_found("training_data", f"model '{req.model}' has no training data: "
                                 "POST a CSV (Content-Type: text/csv) instead")
     source = _train(st, req.model, req.epochs, posted, started)
@@ -79,7 +82,7 @@ def _train(st: ServerState, model: str, epochs: int, data: Path | None,
            started: dict[str, Any]) -> Iterator[str]:
     """The SSE events of one run, ``started`` added to the first. Runs outside the request
     context: takes ``st``, not state()."""
-    with contextlib.closing(train_events(st.settings.model_dir, model, epochs, data)) as events:
+    with contextlib.closing(train_events(st.settings.model_path, model, epochs, data)) as events:
         last: dict[str, Any] = {}
         for message in events:
             if message.get("status") == "started":

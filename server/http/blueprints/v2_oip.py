@@ -51,7 +51,7 @@ def ready() -> Response:
 @bp.get("/models/<model>/versions/<version>")
 def model_metadata(model: str, version: str | None = None) -> Response:
     lv = _resolve(model, version)
-    versions = sorted(state().registry.get(model).versions, key=int)
+    versions = state().registry.get(model).servable
     return json_response(oip.metadata(lv, versions))
 
 

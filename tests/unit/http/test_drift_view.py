@@ -1,6 +1,7 @@
 """GET /models/<m>/versions/<v>/drift through the Flask test client: the answer's shape, a
-label as the version, 404 for unknown targets, ``drift_off`` under DRIFT=off, and rows that
-came through the A/B door counted with the prediction log off."""
+label as the version, 404 for unknown targets, ``drift_off`` under DRIFT=off, rows that
+came through the A/B door counted with the prediction log off, and the worker's drift
+counting in GET /status."""
 
 from __future__ import annotations
 
@@ -55,10 +56,19 @@ def test_unknown_targets_are_404(client: FlaskClient, path: str, code: str) -> N
     assert resp.status_code == 404 and resp.json is not None and resp.json["code"] == code
 
 
+def test_status_shows_this_workers_drift_counting(client: FlaskClient) -> None:
+    drift = client.get("/status").json["drift"]  # type: ignore[index]
+    assert drift["state"] == "on" and drift["window_seconds"] == 3600
+    assert drift["redis"] is None and drift["dropped"] == 0
+    assert {"pending", "sampled_out", "leader"} <= set(drift)
+
+
 def test_drift_off_answers_404_drift_off(demo_repo: Path, tmp_path: Path) -> None:
     with make(demo_repo, tmp_path, drift="off") as c:
         assert c.post("/predict/iris", json={"features": [5.1, 3.5, 1.4, 0.2]}).status_code \
             == 200
         resp = c.get("/models/iris/versions/1/drift")
+        status = c.get("/status").json
     assert resp.status_code == 404 and resp.json is not None
     assert resp.json["code"] == "drift_off"
+    assert status is not None and status["drift"] == {"state": "off"}

@@ -37,7 +37,7 @@ def models(demo_repo: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def ctx(store: JobStore, jobs_root: Path, models: Path) -> WorkerContext:
-    settings = Settings(model_dir=models, jobs_dir=str(jobs_root), redis_url="redis://x")
+    settings = Settings(model_dir=str(models), jobs_dir=str(jobs_root), redis_url="redis://x")
     return WorkerContext(settings, store, ModelRegistry(ModelRepository(models)), "test")
 
 
@@ -156,8 +156,8 @@ def test_cancel_stops_within_one_chunk(ctx: WorkerContext, rows_csv: Path,
 @pytest.mark.parametrize("when", [0, 2])
 def test_a_removed_version_fails_the_job(ctx: WorkerContext, rows_csv: Path,
                                          monkeypatch: pytest.MonkeyPatch, when: int) -> None:
-    version = ctx.settings.model_dir / "iris" / "9"
-    shutil.copytree(ctx.settings.model_dir / "iris" / "1", version)
+    version = ctx.settings.model_path / "iris" / "9"
+    shutil.copytree(ctx.settings.model_path / "iris" / "1", version)
     files = submit(ctx, rows_csv, version="9")
     if when == 0:
         shutil.rmtree(version)

@@ -1,6 +1,7 @@
 """Reference profiles: quantile bins (ties, constant features, empty data), missing and
 out-of-range values, prediction shares, profile.json read back and checked against its
-version, and how a version loads with a missing, corrupt or changed profile."""
+version, and how a version loads with a missing, corrupt or changed profile (a change to the
+profile alone keeps the loaded model)."""
 
 from __future__ import annotations
 
@@ -201,6 +202,40 @@ def test_a_new_profile_json_reloads_the_version(demo_repo: Path, tmp_path: Path)
     assert report.changed == [] and report.added == []  # the same artifact: no event
     profile = reg.resolve("iris", "1").profile
     assert profile is not None and profile.rows == 112
+
+
+@pytest.mark.parametrize(("change", "rows", "note"), [
+    ("edit", 113, None),
+    ("remove", None, "no profile.json beside the artifact"),
+    ("corrupt", None, "profile.json unusable: not JSON"),
+])
+def test_a_changed_profile_json_alone_does_not_load_the_model_again(
+        demo_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str,
+        rows: int | None, note: str | None) -> None:
+    root = Path(shutil.copytree(demo_repo, tmp_path / "models"))
+    reg = _registry(root)
+    before = reg.resolve("iris", "1")
+    path = root / "iris" / "1" / FILE
+    time.sleep(0.01)
+    if change == "edit":
+        write_profile(path.parent, {**json.loads(path.read_bytes()), "rows": 113})
+    elif change == "remove":
+        path.unlink()
+    else:
+        path.write_bytes(b"{half")
+
+    def no_artifact_read(*args: Any) -> Any:
+        raise AssertionError("the artifact was read again")
+
+    monkeypatch.setattr(ModelRepository, "read", no_artifact_read)
+    assert not reg.reload().touched
+    after = reg.resolve("iris", "1")
+    assert after.estimator is before.estimator and after.loaded_at == before.loaded_at
+    assert after.stamp != before.stamp
+    assert (after.profile.rows if after.profile else None) == rows
+    assert after.profile_note is None if note is None else \
+        (after.profile_note or "").startswith(note)
+    assert reg.reload().touched is False and reg.resolve("iris", "1") is after
 
 
 def test_training_writes_the_new_versions_profile(demo_repo: Path, tmp_path: Path,

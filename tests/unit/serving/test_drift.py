@@ -1,10 +1,17 @@
 """Drift monitoring in one process: PSI and the chi-square test by hand, statuses, the
-per-second sampling budget, minute buckets leaving the window, workers summed through
-RUNTIME_DIR, one leader publishing each change once, and Redis failing open."""
+per-second sampling budget, minute buckets leaving the window at its exact edge, workers
+summed through RUNTIME_DIR (and forgotten once dead), one leader publishing each change
+once, answers computed once a second, memory that a week's window keeps small, and Redis
+failing open without counting anything twice."""
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +31,7 @@ from server.runtime.events import EventLog
 from server.serving.dataplane import DataPlane, Outcome
 from server.serving.drift import DriftMonitor
 from server.serving.driftscores import EPSILON, chi_square_p, psi, status
+from server.serving.driftstore import worker_alive
 from server.serving.frontdoor import FrontDoor
 
 T0 = 1_800_000_000.0  # a whole minute: minute buckets start here
@@ -109,7 +117,10 @@ def iris(registry: ModelRegistry) -> LoadedVersion:
 
 
 def monitor(registry: ModelRegistry, tmp_path: Path, clock: Clock, **kw: Any) -> DriftMonitor:
+    """A monitor of its own ``pid`` (made up: every pid counts as a live worker unless the
+    test's ``alive`` says otherwise)."""
     kw.setdefault("min_rows", 100)
+    kw.setdefault("alive", lambda pid: True)
     return DriftMonitor(registry, tmp_path, EventLog(str(tmp_path)), clock=clock, seed=1, **kw)
 
 
@@ -160,14 +171,14 @@ def test_rows_over_the_per_second_budget_are_sampled(
 def test_minute_buckets_leave_the_window(registry: ModelRegistry, iris: LoadedVersion,
                                          tmp_path: Path, clock: Clock,
                                          training: np.ndarray) -> None:
-    dm = monitor(registry, tmp_path, clock, window_seconds=120)  # this minute and two before
+    dm = monitor(registry, tmp_path, clock, window_seconds=120)  # this minute and the one before
     serve(dm, registry, iris, rows(training, 150))
     dm.flush()
     clock.now += 60
     serve(dm, registry, iris, rows(training, 50))
     dm.flush()
     assert dm.report(iris)["rows"] == 200
-    clock.now += 120  # the first minute is three minutes back now
+    clock.now += 60  # the first minute is two minutes back now
     dm.flush()
     report = dm.report(iris)
     assert report["rows"] == 50 and report["status"] == "not_enough_rows"
@@ -177,6 +188,23 @@ def test_minute_buckets_leave_the_window(registry: ModelRegistry, iris: LoadedVe
     clock.now += 60
     dm.flush()
     assert dm.report(iris)["rows"] == 0
+
+
+@pytest.mark.parametrize("window_seconds", [60, 120, 3600])
+@pytest.mark.parametrize("flushed", [True, False], ids=["flushed", "before-the-flush"])
+def test_the_window_is_window_seconds_long_to_the_second(
+        registry: ModelRegistry, iris: LoadedVersion, tmp_path: Path, clock: Clock,
+        training: np.ndarray, window_seconds: int, flushed: bool) -> None:
+    """Rows served at the start of a minute count until window_seconds later, not a second
+    longer, whether or not the worker has flushed since the window moved."""
+    dm = monitor(registry, tmp_path, clock, window_seconds=window_seconds)
+    serve(dm, registry, iris, rows(training, 150))
+    dm.flush()
+    for elapsed, expected in ((window_seconds - 1, 150), (window_seconds, 0)):
+        clock.now = T0 + elapsed
+        if flushed:
+            dm.flush()
+        assert dm.report(iris)["rows"] == expected, elapsed
 
 
 def test_workers_add_up_through_the_runtime_dir(registry: ModelRegistry, iris: LoadedVersion,
@@ -189,19 +217,59 @@ def test_workers_add_up_through_the_runtime_dir(registry: ModelRegistry, iris: L
     one.flush()
     two.flush()
     assert one.report(iris)["rows"] == two.report(iris)["rows"] == 500
-    assert {p.name for p in tmp_path.glob("drift-*.json")} >= {"drift-1001.json",
+    assert {p.name for p in tmp_path.glob("drift-*.json")} == {"drift-1001.json",
                                                                "drift-1002.json"}
-    # The minute ends: it moves to the closed file, counted once.
+    # The minute ends: counted once, before and after the worker's next write.
     clock.now += 60
+    assert two.report(iris)["rows"] == 500
     one.flush()
-    assert orjson.loads((tmp_path / "drift-1001.closed.json").read_bytes())["versions"]
     assert two.report(iris)["rows"] == 500
-    # Mid-move, a minute in both of a worker's files is the closed copy.
-    stale = orjson.loads((tmp_path / "drift-1001.json").read_bytes())
-    stale["versions"]["iris/1"]["minutes"] = orjson.loads(
-        (tmp_path / "drift-1001.closed.json").read_bytes())["versions"]["iris/1"]["minutes"]
-    (tmp_path / "drift-1001.json").write_bytes(orjson.dumps(stale))
-    assert two.report(iris)["rows"] == 500
+
+
+def test_another_workers_minutes_leave_the_window_on_the_readers_clock(
+        registry: ModelRegistry, iris: LoadedVersion, tmp_path: Path, clock: Clock,
+        training: np.ndarray) -> None:
+    """A worker's file is one document, replaced whole: a minute that closes between two
+    reads is never missed nor counted twice. A reader whose clock has passed the writer's
+    last write still takes the minutes that left the window out of the writer's sum."""
+    writer = monitor(registry, tmp_path, clock, pid=1101, window_seconds=180)
+    reader = monitor(registry, tmp_path, clock, pid=1102, window_seconds=180)
+    for minute, n in enumerate((150, 50, 25)):
+        clock.now = T0 + 60 * minute
+        serve(writer, registry, iris, rows(training, n, seed=minute))
+        writer.flush()
+    assert reader.report(iris)["rows"] == 225
+    # The writer does not write again: the reader's own clock moves the window.
+    for minute, expected in ((3, 75), (4, 25), (5, 0)):
+        clock.now = T0 + 60 * minute
+        assert reader.report(iris)["rows"] == expected, minute
+        assert reader.report(iris)["since_start"]["rows"] == 225
+
+
+def test_files_of_workers_that_died_are_removed_and_no_longer_counted(
+        registry: ModelRegistry, iris: LoadedVersion, tmp_path: Path, clock: Clock,
+        training: np.ndarray) -> None:
+    live = {4001, 4002}
+    one = monitor(registry, tmp_path, clock, pid=4001, alive=live.__contains__)
+    two = monitor(registry, tmp_path, clock, pid=4002, alive=live.__contains__)
+    serve(one, registry, iris, rows(training, 300))
+    one.flush()
+    assert two.report(iris)["rows"] == 300
+    live.discard(4001)  # e.g. replaced after a SIGHUP: same server, another pid
+    clock.now += 1
+    assert two.report(iris)["rows"] == 0
+    assert not (tmp_path / "drift-4001.json").exists()
+
+
+def test_a_worker_counts_as_alive_while_its_process_is_a_child_of_our_master() -> None:
+    assert worker_alive(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert not worker_alive(child.pid)  # alive, but our child, not our master's
+    finally:
+        child.kill()
+        child.wait()
+    assert not worker_alive(child.pid)
 
 
 def test_files_of_an_earlier_server_run_are_ignored_and_removed(
@@ -243,8 +311,10 @@ def test_one_leader_publishes_each_change_once_and_sets_the_gauges(
     gauge = prometheus.FEATURE_DRIFT.labels("iris", "1", "sepal_width")._value.get()
     assert gauge > 0.25
     assert prometheus.FEATURE_DRIFT.labels("iris", "1", "petal_width")._value.get() < 0.1
-    # The leader goes away (and a worker starts): the next one knows what was told already.
-    one.stop()
+    # The leader's process exits, which lets go of its lock (and a worker starts): the next
+    # leader knows what was told already.
+    assert one.leader.fd is not None
+    os.close(one.leader.fd)
     monitor(registry, tmp_path, clock, pid=3003).files.remove_stale()
     two.refresh()
     assert two.status()["leader"] and len(drift_events(tmp_path)) == 1
@@ -290,11 +360,14 @@ def test_the_front_door_counts_rows_whether_or_not_the_log_is_on(
 
 # --- Redis, failing open --------------------------------------------------------------------
 class FakeRedis:
-    """The few commands the monitor sends, in memory; ``down`` makes every call fail."""
+    """The few commands the monitor sends, in memory. ``down``: every call fails as redis-py
+    fails on a refused connection (nothing sent); ``slow``: the commands are applied, then
+    the reply times out."""
 
     def __init__(self) -> None:
         self.hashes: dict[str, dict[bytes, int]] = {}
         self.down = False
+        self.slow = False
         self.calls: list[tuple[str, Any]] = []
 
     def pipeline(self, transaction: bool = True) -> FakeRedis:
@@ -312,7 +385,11 @@ class FakeRedis:
 
     def execute(self) -> list[Any]:
         if self.down:
-            raise redis.ConnectionError("Connection refused")
+            try:
+                raise ConnectionRefusedError(111, "Connection refused")
+            except OSError:
+                raise redis.ConnectionError("Error 111 connecting to redis:6379. "
+                                            "Connection refused.") from None
         out: list[Any] = []
         for name, args in self.calls:
             if name == "hincrby":
@@ -324,6 +401,8 @@ class FakeRedis:
                 out.append({k: str(v).encode() for k, v in self.hashes.get(args, {}).items()})
             else:
                 out.append(True)
+        if self.slow:
+            raise redis.TimeoutError("Timeout reading from socket")
         return out
 
 
@@ -351,12 +430,146 @@ def test_instances_add_up_in_redis_and_fail_open(registry: ModelRegistry, iris: 
     assert report["rows"] == 500 and report["counts_scope"] == "all instances (redis)"
     assert report["note"] is None and report["since_start"]["rows"] == 300
 
-    fake_redis.down = True  # the flush fails: its deltas wait, the answer is this server's
+    fake_redis.down = True  # the flush is refused: its deltas wait, the answer is this server's
     serve(a, registry, iris, rows(training, 100, seed=2))
     a.flush()
+    clock.now += 1  # a second later: a new answer
     report = a.report(iris)
     assert report["rows"] == 400 and report["counts_scope"] == "all workers of this server"
-    assert report["note"].startswith("Redis unavailable (ConnectionError: Connection refused)")
+    assert report["note"].startswith("Redis unavailable (ConnectionError: Error 111 connecting")
     fake_redis.down = False  # back: the kept deltas go with the next flush
     a.flush()
+    clock.now += 1
     assert a.report(iris)["rows"] == 600 and fake_redis.hashes[key][b"rows"] == 600
+
+
+def test_a_flush_that_may_have_reached_redis_is_never_sent_twice(
+        registry: ModelRegistry, iris: LoadedVersion, tmp_path: Path, clock: Clock,
+        training: np.ndarray, fake_redis: FakeRedis) -> None:
+    """HINCRBY is not idempotent: a flush whose reply timed out (Redis may have applied it)
+    is dropped and counted, never pushed again."""
+    dm = monitor(registry, tmp_path, clock, client=fake_redis,  # type: ignore[arg-type]
+                 breaker_seconds=0)
+    key = f"drift:iris:1:{iris.profile.fingerprint}:{int(T0) // 60}"  # type: ignore[union-attr]
+    dropped = prometheus.DRIFT_DROPPED._value.get()
+    fake_redis.slow = True
+    serve(dm, registry, iris, rows(training, 300))
+    dm.flush()
+    fake_redis.slow = False
+    serve(dm, registry, iris, rows(training, 20, seed=1))
+    dm.flush()
+    dm.flush()
+    assert fake_redis.hashes[key][b"rows"] == 320  # applied once, by the timed-out flush
+    assert dm.dropped == 300 and prometheus.DRIFT_DROPPED._value.get() == dropped + 300
+
+
+# --- answers, statuses and memory -----------------------------------------------------------
+def test_an_answer_is_computed_once_a_second_and_shared_by_concurrent_requests(
+        registry: ModelRegistry, iris: LoadedVersion, tmp_path: Path, clock: Clock,
+        training: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.serving import drift
+
+    dm = monitor(registry, tmp_path, clock)
+    serve(dm, registry, iris, rows(training, 200))
+    dm.flush()
+    computed: list[int] = []
+    release = threading.Event()
+    real = drift.scores
+
+    def slow_scores(*args: Any, **kw: Any) -> dict[str, Any]:
+        computed.append(1)
+        release.wait(5)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(drift, "scores", slow_scores)
+    answers: list[dict[str, Any]] = []
+    asking = [threading.Thread(target=lambda: answers.append(dm.report(iris)))
+              for _ in range(4)]
+    for thread in asking:
+        thread.start()
+    time.sleep(0.2)  # every request is in, one of them computing
+    release.set()
+    for thread in asking:
+        thread.join(5)
+    assert len(computed) == 2  # one answer: the window's scores and since start's
+    assert len(answers) == 4 and all(a is answers[0] for a in answers)
+    assert answers[0]["rows"] == 200
+    clock.now += 0.9
+    assert dm.report(iris) is answers[0] and len(computed) == 2
+    clock.now += 0.1
+    assert dm.report(iris) is not answers[0] and len(computed) == 4
+
+
+def test_the_leaders_statuses_are_replaced_whole_and_forget_versions_gone(
+        registry: ModelRegistry, iris: LoadedVersion, tmp_path: Path, clock: Clock,
+        training: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    saved = tmp_path / "drift.statuses.json"
+    saved.write_bytes(orjson.dumps({"gone/1/0123456789abcdef": {"x": "drifted"}}))
+    dm = monitor(registry, tmp_path, clock)
+    serve(dm, registry, iris, rows(training, 500, shift=1.5))
+    dm.flush()
+    dm.refresh()
+    statuses = orjson.loads(saved.read_bytes())
+    key = f"iris/1/{iris.profile.fingerprint}"  # type: ignore[union-attr]
+    assert list(statuses) == [key] and statuses[key]["sepal_width"] == "drifted"
+
+    def half_then_full_disk(path: Path, data: bytes) -> int:
+        with open(path, "wb") as fh:
+            fh.write(data[:len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_full_disk)
+    clock.now += 2 * 3600  # back to training-like rows: the statuses change
+    serve(dm, registry, iris, rows(training, 2000))
+    dm.flush()
+    dm.refresh()
+    monkeypatch.undo()
+    assert orjson.loads(saved.read_bytes()) == statuses  # the last whole file, not half
+    assert [p.name for p in tmp_path.glob(".*.tmp")] == []
+
+
+def _size(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes held by ``obj`` and what it refers to (numpy counts its own buffers)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    size = sys.getsizeof(obj)
+    if isinstance(obj, dict):
+        size += sum(_size(k, seen) + _size(v, seen) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple, set)):
+        size += sum(_size(v, seen) for v in obj)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (type, np.ndarray)):
+        size += _size(vars(obj), seen)
+    return size
+
+
+def test_a_weeks_window_keeps_each_minute_compact_and_other_workers_small(
+        registry: ModelRegistry, tmp_path: Path, clock: Clock) -> None:
+    """A week of minutes for three versions: the worker that counted them keeps each minute
+    as one int32 row per version (about 4 bytes a cell), the other workers a few vectors
+    per version whatever the window, and their files stay a few kilobytes."""
+    week = 7 * 86400
+    one = monitor(registry, tmp_path, clock, window_seconds=week, pid=5001,
+                  sample_rows_per_second=10**6)
+    two = monitor(registry, tmp_path, clock, window_seconds=week, pid=5002)
+    versions = [registry.resolve("iris", "1"), registry.resolve("iris", "2"),
+                registry.resolve("breast_cancer", "1")]
+    requests = [DataPlane(registry).predict_resolved(lv, np.ones((2, lv.n_features or 0)),
+                                                     ["instances"]) for lv in versions]
+    minutes = week // 60
+    for minute in range(minutes):
+        clock.now = T0 + 60 * minute
+        for outcome in requests:
+            assert outcome.X is not None
+            one.observe(outcome, outcome.X)
+        if minute % 60 == 59:
+            one.flush()
+    one.flush()
+    cells = sum(lv.profile.cells.size for lv in versions if lv.profile is not None)
+    kept = _size(one._counts)
+    assert kept < 1.1 * 4 * cells * minutes, kept
+    for lv in versions:
+        assert two.report(lv)["rows"] == 2 * minutes
+    assert _size(two.files._parsed) < 50_000
+    assert (tmp_path / "drift-5001.json").stat().st_size < 50_000
