@@ -50,9 +50,11 @@ def wait_logged(server: LiveServer, admin: dict[str, str], ids: list[str],
                 model: str = "iris") -> None:
     """Until every worker has written these rows (each flushes its own buffer)."""
     def written() -> bool:
-        rows = server.get("/predictions", params={"model": model, "limit": "1000"},
-                          headers=admin).json()["predictions"]
-        return set(ids) <= {r["request_id"] for r in rows}
+        resp = server.get("/predictions", params={"model": model, "limit": "1000"},
+                          headers=admin)
+        if resp.status_code != 200:  # e.g. 503 while the log's database is busy: again
+            return False
+        return set(ids) <= {r["request_id"] for r in resp.json()["predictions"]}
 
     wait_until(written, 20, every=0.2)
 
