@@ -320,7 +320,7 @@ def test_a_locked_sqlite_never_stalls_predictions(
     try:
         holder.execute("BEGIN EXCLUSIVE")
         worst = 0.0
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
             t0 = time.perf_counter()
             _native(server, "while-locked")
@@ -380,7 +380,7 @@ def test_a_stuck_database_keeps_each_workers_memory_within_the_buffer(
         demo_repo: Path, server_factory: Callable[..., LiveServer], tmp_path: Path) -> None:
     """With the database locked for the whole run, each worker buffers at most
     PREDICTION_LOG_BUFFER_ROWS rows and drops the rest: 8 clients sending 500-row batches
-    for 15 s (over 100,000 rows) grow a worker's RSS by far less than they would unbounded."""
+    for 8 s (several 100,000 rows) grow a worker's RSS by far less than they would unbounded."""
     db = tmp_path / "stuck.db"
     server = server_factory(demo_repo, WORKERS="1", PREDICTION_LOG=f"sqlite:///{db}",
                             PREDICTION_LOG_BUFFER_ROWS="5000", CACHE="off",
@@ -393,7 +393,7 @@ def test_a_stuck_database_keeps_each_workers_memory_within_the_buffer(
     rng = np.random.default_rng(3)
     try:
         holder.execute("BEGIN EXCLUSIVE")
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 8
 
         def load(seed: int) -> int:
             local = np.random.default_rng(seed)

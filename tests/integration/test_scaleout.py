@@ -203,7 +203,8 @@ def test_compose_file_and_nginx_config_agree() -> None:
     for name in apps:
         svc = services[name]
         assert svc == services[apps[0]]  # every instance takes the same settings
-        assert svc["depends_on"] == {"redis": {"condition": "service_healthy"}}
+        # Redis healthy first (and the jobs volume given to the server's user)
+        assert svc["depends_on"]["redis"] == {"condition": "service_healthy"}
         assert "/ready" in " ".join(svc["healthcheck"]["test"])
         env = svc["environment"]
         assert env["REDIS_URL"] == "redis://redis:6379/0"

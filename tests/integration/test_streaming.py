@@ -121,7 +121,13 @@ def _csv(data: np.ndarray, names: list[str]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def test_csv_round_trip_of_100k_rows_in_flat_memory(stream_server: LiveServer) -> None:
+def test_csv_round_trip_of_100k_rows_in_flat_memory(
+        server_factory: Callable[..., LiveServer], model_repo: Path) -> None:
+    # The CSV stream's own memory: the prediction log's buffer has its own bound and test
+    # (test_prediction_log.py), which would otherwise add up to its 20,000 rows here.
+    stream_server = server_factory(model_repo, WORKERS="1", CACHE="off",
+                                   STREAM_MAX_ROWS="100000", STREAM_CHUNK_ROWS="200",
+                                   MODEL_POLL_SECONDS="0", PREDICTION_LOG="off")
     cancer = datasets.load_breast_cancer()
     names = stream_server.get("/models/breast_cancer").json()["versions"][0]["feature_names"]
     rng = np.random.default_rng(1)
