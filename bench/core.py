@@ -573,5 +573,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+
+def side_by_side(servers: dict[str, Server], script: Path, args: argparse.Namespace
+                 ) -> dict[tuple[str, int], Measurement[str]]:
+    """Start ``servers``, warm them up and load each with ``script`` on ``/predict``, rounds
+    interleaved (a slow minute hurts one round of each, not every round of one); the
+    servers stay up for the caller to read from. Call inside ``serving(servers)``."""
+    measurements = {(n, c): Measurement[str](n, c) for n in servers for c in args.connections}
+    for server in servers.values():
+        server.start()
+    for server in servers.values():
+        server.wait_until_up(urllib.request.Request(server.url + "/ready"))
+    if args.warmup:
+        for server in servers.values():
+            run_wrk(server.url + "/predict", script, max(args.connections), args.warmup,
+                    args.timeout)
+    for round_no in range(1, args.rounds + 1):
+        for c in args.connections:
+            for name, server in servers.items():
+                run = run_wrk(server.url + "/predict", script, c, args.duration, args.timeout)
+                measurements[name, c].runs.append(run)
+                progress(f"round {round_no}/{args.rounds} {name} c={c}: "
+                         f"{run.requests_per_s:.0f} req/s, p99 {ms(run.p99_ms)} ms")
+    return measurements
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

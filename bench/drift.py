@@ -26,15 +26,13 @@ import orjson
 from bench.core import (
     RESULTS_DIR,
     ROOT,
-    Measurement,
     Server,
     load_parser,
     ms,
     parsed,
-    progress,
     ready_to_load,
-    run_wrk,
     serving,
+    side_by_side,
     write_scripts,
 )
 from server.jobs.demo import write_demo
@@ -66,24 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         servers = {name: Server(name.replace(" ", "-"), "wsgi:app", work, {
             "MODEL_DIR": str(models), "CACHE": "off", "PREDICTION_LOG": "off", "DRIFT": drift})
             for name, drift in (("drift off", "off"), ("drift on", "on"))}
-        measurements = {(n, c): Measurement[str](n, c) for n in servers for c in args.connections}
         with serving(servers):
-            for server in servers.values():
-                server.start()
-            for server in servers.values():
-                server.wait_until_up(urllib.request.Request(server.url + "/ready"))
-            if args.warmup:
-                for server in servers.values():
-                    run_wrk(server.url + "/predict", work / SCRIPT, max(args.connections),
-                            args.warmup, args.timeout)
-            for round_no in range(1, args.rounds + 1):
-                for c in args.connections:
-                    for name, server in servers.items():
-                        run = run_wrk(server.url + "/predict", work / SCRIPT, c, args.duration,
-                                      args.timeout)
-                        measurements[name, c].runs.append(run)
-                        progress(f"round {round_no}/{args.rounds} {name} c={c}: "
-                                 f"{run.requests_per_s:.0f} req/s, p99 {ms(run.p99_ms)} ms")
+            measurements = side_by_side(servers, work / SCRIPT, args)
             time.sleep(1.5)  # the workers' last flush
             answer = _drift(servers["drift on"])
 
