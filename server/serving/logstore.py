@@ -80,6 +80,17 @@ def _refused(exc: BaseException) -> bool:
     return isinstance(exc, (psycopg.DataError, psycopg.IntegrityError))
 
 
+def _no_schema(exc: BaseException) -> bool:
+    """The log's tables are not there yet: a read before any worker's writer migrated."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return str(exc).startswith("no such table")
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - a dependency
+        return False
+    return isinstance(exc, psycopg.errors.UndefinedTable)
+
+
 @dataclass(frozen=True)
 class Query:
     model: str | None = None
@@ -123,6 +134,7 @@ class LogStore:
         self._conn: Any = None
         self._migrated = reader
         self._reader = reader
+        self._created = False
         self._deadline = 0.0
 
     # -- connection --------------------------------------------------------------------------
@@ -190,6 +202,12 @@ class LogStore:
         except LogUnavailable:
             raise
         except Exception as exc:
+            if self._reader and not self._created and _no_schema(exc):
+                # A fresh database read before any writer's first flush: create the schema
+                # (once, serialised as the writers' migration is) and read the empty log.
+                self._created, self._migrated = True, False
+                self.migrate()
+                return self._run(fn, write)
             self.close()
             raise (LogRefused if _refused(exc) else LogUnavailable)(_reason(exc)) from exc
 

@@ -83,6 +83,18 @@ def test_migrate_records_each_version_once_across_stores(store: LogStore) -> Non
     assert [v for (v,) in versions] == [1]
 
 
+def test_a_reader_before_any_writer_sees_an_empty_log_not_an_error(store: LogStore) -> None:
+    # A dashboard asks for quality as the workers boot, before any writer's first flush.
+    reader = LogStore(store.url, reader=True)
+    try:
+        assert reader.query(Query()) == []
+        assert reader.confusion("iris", "1", None) == []
+        assert reader.feedback([("nobody", 0, "setosa", None)]) == [0]
+    finally:
+        reader.close()
+    assert store.migrate() == 1  # the writer finds the schema in place
+
+
 # -- writes and reads ----------------------------------------------------------------------
 def test_insert_keeps_every_column_and_feedback_starts_empty(store: LogStore) -> None:
     written = row(1000.5, "req-1", 3, model="diabetes", version="7", door="ab",
