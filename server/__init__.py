@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from server.runtime.offload import offload
     from server.serving.batching import MicroBatcher, batch_mode, gevent_active
     from server.serving.cache import make_cache, make_redis
+    from server.serving.cachepolicy import cache_mode
     from server.serving.dataplane import DataPlane
     from server.serving.drift import DriftMonitor
     from server.serving.experiments import Experiments, MemoryStats, RedisStats
@@ -74,19 +75,22 @@ def create_app(settings: Settings | None = None) -> Flask:
     # MODEL_MEMORY_MB: versions load on first request, the least recently used unloaded.
     budget = (MemoryBudget(settings.model_memory_mb, settings.model_load_wait_seconds)
               if settings.model_memory_mb > 0 else None)
+    client = None
+    if settings.redis_url:
+        client = make_redis(settings.redis_url, settings.redis_timeout, settings.redis_pool_size)
+    cache = make_cache(settings.cache_enabled, client, settings.redis_url, settings.cache_ttl,
+                       int(settings.cache_max_mb * 1_000_000), settings.redis_breaker_seconds)
+    # Then whether its answers are worth caching, from the one-row cost the probe measured.
     registry = ModelRegistry(open_repository(settings),
-                             on_load=[lambda lv: batch_mode(lv, predict_matrix)], budget=budget)
+                             on_load=[lambda lv: batch_mode(lv, predict_matrix),
+                                      lambda lv: cache_mode(lv, cache, settings.cache_policy)],
+                             budget=budget)
     # Created before the first scan so that it notes the reload signal as it was then.
     reloader = Reloader(registry, settings.model_poll_seconds, settings.runtime_dir)
     registry.reload()
     for name, entry in registry.models.items():
         if entry.failed:
             prometheus.LOAD_FAILURES.labels(name).inc(len(entry.failed))
-    client = None
-    if settings.redis_url:
-        client = make_redis(settings.redis_url, settings.redis_timeout, settings.redis_pool_size)
-    cache = make_cache(settings.cache_enabled, client, settings.redis_url, settings.cache_ttl,
-                       int(settings.cache_max_mb * 1_000_000), settings.redis_breaker_seconds)
     ab = Experiments(registry, RedisStats(client) if client is not None else MemoryStats())
     if budget is not None:  # an experiment's versions stay loaded
         budget.pinned = lambda: {(e.model, v) for e in ab.items.values() if e.error is None

@@ -41,7 +41,10 @@ class Settings(BaseSettings):
         "by the workers of one host); unset = DATA_DIR/model-cache."
     )
     redis_url: str = Field("", description="redis://host:port/db; empty = per-worker memory cache.")
-    cache: str = Field("on", description="'off' disables the prediction cache.")
+    cache: str = Field(
+        "on", description="'on': each version is cached when that costs less than computing "
+        "its answer (decided at load, shown in /models); 'always': every version; 'off' "
+        "disables the prediction cache.")
     cache_ttl: int = Field(3600, ge=1, description="Seconds a cached prediction lives (SETEX).")
     cache_max_mb: float = Field(
         64, gt=0, description="Megabytes the per-worker memory cache may hold (LRU beyond); "
@@ -196,6 +199,12 @@ class Settings(BaseSettings):
     @property
     def cache_enabled(self) -> bool:
         return self.cache.strip().lower() not in {"off", "0", "false", "no"}
+
+    @property
+    def cache_policy(self) -> str:
+        """'off', 'always' (every version) or 'on' (where caching pays: serving.cachepolicy)."""
+        value = self.cache.strip().lower()
+        return "off" if not self.cache_enabled else "always" if value == "always" else "on"
 
     @property
     def model_path(self) -> Path:

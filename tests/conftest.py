@@ -117,7 +117,10 @@ class LiveServer(Process):
                      "MODEL_DIR": str(model_dir), "ADMIN_TOKEN": ADMIN_TOKEN,
                      "RUNTIME_DIR": "", "PYTHONPATH": str(ROOT), "DRAIN_SECONDS": "0",
                      # On, as in production, in the test's own directory (never in data/).
-                     "PREDICTION_LOG": f"sqlite:///{tmp / 'predictions.db'}"})
+                     "PREDICTION_LOG": f"sqlite:///{tmp / 'predictions.db'}",
+                     # Every version cached, so tests of the cache's behaviour do not hang
+                     # on a timing at load (CACHE=on's per-version choice has its own tests).
+                     "CACHE": "always"})
         full.update(env)
         tmp.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),

@@ -81,12 +81,19 @@ def error_handlers(scope: Flask | Blueprint, shape: ErrorShape) -> None:
 def install_compression(app: Flask) -> None:
     """gzip for JSON answers over 1 KiB to clients that accept it (flask-compress): a
     1,000-row batch with probabilities is ~200 KB of JSON. Streams are never compressed
-    (each event must reach the client as it is written); ``Vary: Accept-Encoding`` is set."""
+    (each event must reach the client as it is written); ``Vary: Accept-Encoding`` is set on
+    every answer that could have been compressed. flask-compress is called from the app's
+    one after-request hook (``install``), and only for such answers: a one-row answer is
+    never compressed and varies with nothing, so it skips the extension's header work."""
     from flask_compress import Compress
 
-    app.config.update(COMPRESS_MIMETYPES=["application/json"], COMPRESS_MIN_SIZE=1024,
-                      COMPRESS_STREAMS=False, COMPRESS_ALGORITHM=["gzip"], COMPRESS_LEVEL=5)
-    Compress(app)
+    app.config.update(COMPRESS_MIMETYPES=["application/json"], COMPRESS_MIN_SIZE=COMPRESS_MIN,
+                      COMPRESS_STREAMS=False, COMPRESS_ALGORITHM=["gzip"], COMPRESS_LEVEL=5,
+                      COMPRESS_REGISTER=False)
+    app.extensions["compress_answer"] = Compress(app).after_request
+
+
+COMPRESS_MIN = 1024
 
 
 def install(app: Flask) -> None:
@@ -116,16 +123,22 @@ def install(app: Flask) -> None:
         req = request._get_current_object()  # type: ignore[attr-defined]
         ctx = g._get_current_object()  # type: ignore[attr-defined]
         served: ServerState = app.extensions["model_server"]
+        compress = app.extensions.get("compress_answer")
+        if compress is not None and not response.is_streamed \
+                and (response.content_length or 0) >= COMPRESS_MIN \
+                and response.mimetype == "application/json":
+            response = compress(response)
+        headers = response.headers
         rid = ctx.get("request_id", "")
-        response.headers["X-Request-ID"] = rid
+        headers.add("X-Request-ID", rid)  # add: no earlier value to look for and replace
         if served.front.draining:
-            response.headers["Connection"] = "close"  # let keep-alive clients move on
+            headers["Connection"] = "close"  # let keep-alive clients move on
         now = time.perf_counter()
         latency = (now - ctx.get("t0", now)) * 1000
         model_seconds = ctx.get("model_seconds")
-        response.headers["Server-Timing"] = (
-            f"total;dur={latency:.3f}" if model_seconds is None
-            else f"model;dur={model_seconds * 1000:.3f}, total;dur={latency:.3f}")
+        headers.add("Server-Timing",
+                    f"total;dur={latency:.3f}" if model_seconds is None
+                    else f"model;dur={model_seconds * 1000:.3f}, total;dur={latency:.3f}")
         status = response.status_code
         served.figures.observe(latency, status)
         rule = req.url_rule.rule if req.url_rule is not None else None

@@ -171,8 +171,10 @@ class BodyRequest(Request):
     ) -> bytes | str:
         if as_text:
             return super().get_data(cache, True, parse_form_data)
-        body = super().get_data(cache, False, parse_form_data)
         environ = self.environ
+        body = self._whole_body(cache)
+        if body is None:
+            body = super().get_data(cache, False, parse_form_data)
         if not environ.get("CONTENT_LENGTH") or "HTTP_TRANSFER_ENCODING" in environ:
             limit = self.max_content_length
             if self.content_length is None and limit is not None and len(body) >= limit:
@@ -186,6 +188,39 @@ class BodyRequest(Request):
         self._depth_checked = True
         if json_part is not None:
             refuse_deep_json(json_part, self.max_json_depth)
+        return body
+
+    def _whole_body(self, cache: bool) -> bytes | None:
+        """A plain body of a declared length (what every one-row predict sends) read straight
+        from ``wsgi.input`` (in one call under gunicorn), or None for werkzeug's path (chunked, compressed,
+        over MAX_BODY_BYTES, read before, or cached already)."""
+        environ = self.environ
+        size = environ.get("CONTENT_LENGTH")
+        if not size or not size.isdigit() or "HTTP_TRANSFER_ENCODING" in environ \
+                or "HTTP_CONTENT_ENCODING" in environ or "stream" in self.__dict__ \
+                or getattr(self, "_cached_data", None) is not None:
+            return None
+        length, limit = int(size), self.max_content_length
+        if limit is not None and length > limit:
+            return None  # werkzeug's path answers the 413
+        stream = environ["wsgi.input"]
+        try:
+            body = stream.read(length) if length else b""
+            while len(body) < length:  # gunicorn reads it all at once; other servers may not
+                more = stream.read(length - len(body))
+                if not more:
+                    break
+                body += more
+        except Exception as exc:
+            error = body_error(exc)
+            if error is None:
+                raise
+            raise error from exc
+        if len(body) != length:
+            raise ApiError(400, "bad_body",
+                           "the request body ends early: the client closed the connection")
+        if cache:
+            self._cached_data = body
         return body
 
     def _json_part(self, body: bytes) -> bytes | None:

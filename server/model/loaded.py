@@ -46,6 +46,12 @@ class LoadedVersion:
     # "off" (each request alone); see server.serving.batching.batch_mode
     microbatch: str = "off"
     microbatch_note: str | None = None
+    # A one-row call's median cost at load (microseconds; the micro-batching probe times it)
+    row_us: float | None = None
+    # Whether this version's answers go through the prediction cache: "on" or "off", and
+    # why (server.serving.cachepolicy: CACHE=auto caches only where that beats computing)
+    cache: str = "on"
+    cache_note: str | None = None
     # What answers: "sklearn" (the estimator) or "onnx" (an onnxruntime session that
     # matched it at load; server.model.onnx); why an asked-for ONNX backend is not used,
     # or what its check measured. With ONNX, ``proba`` and ``scores`` run the session and
@@ -72,11 +78,14 @@ class LoadedVersion:
             "loaded_at": self.loaded_at,
             "backend": self.backend,
             "micro_batching": self.microbatch,
+            "cache": self.cache,
             "loaded": True,
             "memory_mb": round(self.memory_bytes / 1_000_000, 3),
         }
         if self.microbatch_note is not None:
             out["micro_batching_note"] = self.microbatch_note
+        if self.cache_note is not None:
+            out["cache_note"] = self.cache_note
         if self.backend_note is not None:
             out["backend_note"] = self.backend_note
         if self.classes is not None:

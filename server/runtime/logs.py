@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
 import time
+from typing import Any
 
 import orjson
 
@@ -39,6 +41,19 @@ class AccessLog:
         self.logger = logging.getLogger("server.access")
         self._second = -1
         self._stamp = ""
+        # In a gevent worker the lines of the requests served in one turn of the event loop
+        # go out in one write, at the start of the next turn (one write per request was a
+        # tenth of a one-row predict's time under load); elsewhere each line at once.
+        self._loop: Any = None
+        self._pending: list[str] = []
+        self._handler: Any = None
+        from gevent import monkey
+
+        if monkey.is_module_patched("threading"):
+            import gevent
+
+            self._loop = gevent.get_hub().loop
+            atexit.register(self._write_pending)
 
     def enabled(self) -> bool:
         return self.logger.isEnabledFor(logging.INFO)
@@ -57,9 +72,24 @@ class AccessLog:
             "ts": f"{self._stamp}.{int((now - second) * 1000):03d}Z", "level": "INFO",
             "logger": "server.access", "msg": "request", **fields,
         }, default=str)
+        if self._loop is None:
+            self._emit(handler, line.decode() + "\n")
+            return
+        self._pending.append(line.decode())
+        if len(self._pending) == 1:
+            self._handler = handler
+            self._loop.run_callback(self._write_pending)
+
+    def _write_pending(self) -> None:
+        lines, self._pending = self._pending, []
+        if lines:
+            self._emit(self._handler, "\n".join(lines) + "\n")
+
+    @staticmethod
+    def _emit(handler: logging.StreamHandler, text: str) -> None:  # type: ignore[type-arg]
         handler.acquire()
         try:
-            handler.stream.write(line.decode() + "\n")
+            handler.stream.write(text)
             handler.flush()
         except Exception:  # noqa: BLE001 - what logging.Handler.emit does with a broken stream
             handler.handleError(logging.makeLogRecord({"msg": "request"}))

@@ -66,10 +66,11 @@ def batch_mode(lv: LoadedVersion, predict: Predict, probes: int = 32) -> LoadedV
                  extra={"model": lv.name, "version": lv.version,
                         "err": f"{type(exc).__name__}: {exc}"[:200]})
         return replace(lv, microbatch="off", microbatch_note="the probe rows failed")
+    single_us = statistics.median(one_row) * 1e6
+    lv = replace(lv, row_us=single_us)  # also what CACHE=auto weighs (serving.cachepolicy)
     if together != alone:
         return replace(lv, microbatch="off", microbatch_note=(
             "a batched call's answers differ from one-row answers (in the last bits)"))
-    single_us = statistics.median(one_row) * 1e6
     gain_us = single_us - min(stacked) / TIMED_BATCH * 1e6
     if gain_us < MIN_GAIN_US:
         return replace(lv, microbatch="off", microbatch_note=(

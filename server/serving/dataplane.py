@@ -83,7 +83,8 @@ class DataPlane:
 
     def predict_resolved(self, lv: LoadedVersion, X: np.ndarray, loc: list[Any]) -> Outcome:
         """Predict the rows of a matrix already built for ``lv`` (through the cache)."""
-        if not self.cache.enabled:
+        through_cache = self.cache.enabled and lv.cache == "on"
+        if not through_cache:
             answers, seconds = self._call(lv, X, loc)
             outcome = Outcome(lv, 0, answers, seconds, X)
         else:
@@ -93,7 +94,7 @@ class DataPlane:
         cached = outcome.cached
         prometheus.child(prometheus.PREDICTIONS, lv.name, lv.version).inc(count)
         prometheus.BATCH_ROWS.observe(count)
-        if self.cache.enabled:
+        if through_cache:
             prometheus.child(prometheus.CACHE, "hit").inc(cached)
             prometheus.child(prometheus.CACHE, "miss").inc(count - cached)
         key = f"{lv.name}:{lv.version}"

@@ -305,3 +305,24 @@ def test_random_rows_keep_each_workers_memory_within_its_bound(
     for pid, cache in full.items():
         assert cache["bytes"] <= cache["max_bytes"] == 16_000_000
         assert rss_mb(pid) - before[pid] < 16 + 40, (pid, rss_mb(pid), before[pid], cache)
+
+
+def test_cache_on_skips_versions_cheaper_to_compute_than_a_round_trip(
+        server_factory: Callable[..., LiveServer], model_repo: Path,
+        redis_server: RedisServer) -> None:
+    # CACHE=on (the default) over Redis: the LogisticRegression row (~20 us) is computed
+    # every time, never stored; the 100-tree forest (~300 us and more) goes through Redis.
+    server = server_factory(model_repo, REDIS_URL=redis_server.url, CACHE="on",
+                            MODEL_POLL_SECONDS="0", WORKERS="1")
+    versions = {v["version"]: v for v in server.get("/models/iris").json()["versions"]}
+    assert versions["1"]["cache"] == "off", versions["1"]
+    assert "computing is cheaper" in versions["1"]["cache_note"]
+    assert "measured on Redis" in versions["1"]["cache_note"]
+    assert versions["2"]["cache"] == "on", versions["2"]
+    for version, hit in (("1", "MISS"), ("2", "HIT")):
+        server.post("/predict/iris", json={"version": version, "features": ROW})
+        again = server.post("/predict/iris", json={"version": version, "features": ROW})
+        assert again.status_code == 200 and again.headers["X-Cache"] == hit, version
+    with redis_server.client() as c:
+        assert c.keys("pred:iris:1:*") == []
+        assert c.keys("pred:iris:2:*") == [contract_key("iris", "2", ROW).encode()]

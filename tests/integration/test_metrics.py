@@ -30,7 +30,7 @@ def test_metrics_are_summed_over_workers(server_factory: Callable[..., LiveServe
                                          model_repo: Path) -> None:
     (model_repo / "iris" / "9").mkdir()
     (model_repo / "iris" / "9" / "model.joblib").write_bytes(b"broken")
-    server = server_factory(model_repo, CACHE="on")
+    server = server_factory(model_repo, CACHE="always")
     def one(i: int) -> int:
         resp = server.fresh("POST", "/predict/iris", json=[5.1, 3.5, 1.4, i % 4 / 10])
         assert resp.status_code == 200

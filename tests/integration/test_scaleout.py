@@ -158,7 +158,7 @@ def cluster(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     redis_server = RedisServer(tmp / "redis").start()
     # One worker per instance: what is under test is the spread over instances (each worker's
     # share within an instance is test_experiments' and test_metrics' business).
-    env = {"REDIS_URL": redis_server.url, "CACHE": "on", "MODEL_POLL_SECONDS": "0",
+    env = {"REDIS_URL": redis_server.url, "CACHE": "always", "MODEL_POLL_SECONDS": "0",
            "WORKERS": "1", "DRAIN_SECONDS": "1", "STREAM_CHUNK_ROWS": "100"}
     servers = [LiveServer(tmp / name, demo_repo, **env) for name in ("a", "b")]
     nginx: Nginx | None = None

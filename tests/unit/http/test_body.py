@@ -254,6 +254,32 @@ def test_a_body_that_cannot_be_read_is_the_clients_error(
         assert payload["code"] == ("request_timeout" if status == 408 else "bad_body")
 
 
+@pytest.mark.parametrize(("error", "status", "words"), [c[1:] for c in BAD_BODIES],
+                         ids=[c[0] for c in BAD_BODIES])
+def test_a_declared_length_body_read_in_one_call_fails_the_same_way(
+    client: FlaskClient, error: Exception, status: int, words: str,
+) -> None:
+    # A body with a Content-Length is read straight from wsgi.input (BodyRequest._whole_body)
+    resp = client.post("/predict/iris", headers={"Content-Type": "application/json"},
+                       environ_overrides=streamed(BrokenChunks(b"[5.1,", error), length=200))
+    assert resp.status_code == status, resp.get_data(as_text=True)
+    assert words in resp.get_json()["error"]
+
+
+def test_a_body_shorter_than_its_declared_length_is_400(client: FlaskClient) -> None:
+    resp = client.post("/predict/iris", headers={"Content-Type": "application/json"},
+                       environ_overrides=streamed(io.BytesIO(b"[5.1, 3.5, 1.4, 0.2]"), 50))
+    assert resp.status_code == 400 and resp.get_json()["code"] == "bad_body"
+    assert "ends early" in resp.get_json()["error"]
+
+
+def test_a_declared_length_body_is_read_whole(client: FlaskClient) -> None:
+    body = b"[5.1, 3.5, 1.4, 0.2]"
+    resp = client.post("/predict/iris", headers={"Content-Type": "application/json"},
+                       environ_overrides=streamed(io.BytesIO(body + b"junk"), len(body)))
+    assert resp.status_code == 200 and resp.get_json()["label"] == "setosa"
+
+
 def test_an_error_of_ours_while_reading_stays_a_500(client: FlaskClient) -> None:
     resp = client.post("/predict/iris", headers={"Content-Type": "application/json"},
                        environ_overrides=streamed(BrokenChunks(b"", RuntimeError("bug"))))
