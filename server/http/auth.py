@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _presented_token(*headers: str) -> str:
+def presented_token(*headers: str) -> str:
     auth = request.headers.get("Authorization", "")
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip()
@@ -45,7 +45,7 @@ def require_admin() -> None:
     token = state().settings.admin_token
     if not token:
         raise ApiError(403, "admin_disabled", "admin endpoints are off: set ADMIN_TOKEN")
-    presented = _presented_token("X-Admin-Token")
+    presented = presented_token("X-Admin-Token")
     if not presented or not _matches(presented, [token]):
         raise ApiError(401, "unauthorized", "admin token missing or wrong",
                        headers={"WWW-Authenticate": "Bearer"})
@@ -55,14 +55,14 @@ def require_api_key() -> None:
     keys = state().settings.api_key_list
     if not keys:
         return
-    presented = _presented_token("X-API-Key")
+    presented = presented_token("X-API-Key")
     if not presented or not _matches(presented, keys):
         raise ApiError(401, "unauthorized", "API key missing or wrong",
                        headers={"WWW-Authenticate": "Bearer"})
 
 
 # --- Stream tokens: browsers cannot put a key on an EventSource or a WebSocket -------------
-def _signer() -> URLSafeTimedSerializer:
+def token_signer() -> URLSafeTimedSerializer:
     """Signs with a secret derived from API_KEYS: every instance with the same keys accepts
     the same tokens, and changing the keys revokes them all."""
     keys = ",".join(sorted(state().settings.api_key_list))
@@ -76,7 +76,7 @@ def _key_id(key: str) -> str:
 
 def issue_stream_token() -> str:
     """A short-lived token for the key this request presented (never the key itself)."""
-    return _signer().dumps({"k": _key_id(_presented_token("X-API-Key"))})
+    return token_signer().dumps({"k": _key_id(presented_token("X-API-Key"))})
 
 
 def require_api_key_or_token() -> None:
@@ -84,11 +84,11 @@ def require_api_key_or_token() -> None:
     ``POST /auth/stream-token``, unexpired and for a key that is still configured."""
     keys = state().settings.api_key_list
     token = request.args.get("token") if keys and request.query_string else None
-    if not token or _presented_token("X-API-Key"):
+    if not token or presented_token("X-API-Key"):
         require_api_key()
         return
     try:
-        claims = _signer().loads(token, max_age=state().settings.stream_token_seconds)
+        claims = token_signer().loads(token, max_age=state().settings.stream_token_seconds)
     except SignatureExpired as exc:
         raise ApiError(401, "unauthorized", "stream token expired: ask for a new one",
                        headers={"WWW-Authenticate": "Bearer"}) from exc
@@ -105,7 +105,7 @@ def client_key() -> str:
     is set, else the client address (behind TRUSTED_PROXIES, the one they forwarded). A
     made-up key is no identity: a client cannot get a fresh counter by sending a new one."""
     keys = state().settings.api_key_list
-    presented = _presented_token("X-API-Key") if keys else ""
+    presented = presented_token("X-API-Key") if keys else ""
     if presented and _matches(presented, keys):
         return "key:" + hashlib.sha256(presented.encode()).hexdigest()[:16]
     return "addr:" + (request.remote_addr or "unknown")
@@ -114,7 +114,7 @@ def client_key() -> str:
 def refuse_wrong_key() -> None:
     """With API_KEYS set, a wrong key is a 401 before any limit is counted for it."""
     keys = state().settings.api_key_list
-    presented = _presented_token("X-API-Key") if keys else ""
+    presented = presented_token("X-API-Key") if keys else ""
     if presented and not _matches(presented, keys):
         raise ApiError(401, "unauthorized", "API key missing or wrong",
                        headers={"WWW-Authenticate": "Bearer"})
@@ -132,7 +132,7 @@ def install_cors(app: Flask, settings: Settings) -> None:
 
 def require_metrics_key() -> None:
     key = state().settings.metrics_key
-    if key and not _matches(_presented_token("X-API-Key"), [key]):
+    if key and not _matches(presented_token("X-API-Key"), [key]):
         raise ApiError(401, "unauthorized", "metrics key missing or wrong",
                        headers={"WWW-Authenticate": "Bearer"})
 

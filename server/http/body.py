@@ -192,8 +192,8 @@ class BodyRequest(Request):
 
     def _whole_body(self, cache: bool) -> bytes | None:
         """A plain body of a declared length (what every one-row predict sends) read straight
-        from ``wsgi.input`` (in one call under gunicorn), or None for werkzeug's path (chunked, compressed,
-        over MAX_BODY_BYTES, read before, or cached already)."""
+        from ``wsgi.input`` (in one call under gunicorn), or None for werkzeug's path
+        (chunked, compressed, over MAX_BODY_BYTES, read before, or cached already)."""
         environ = self.environ
         size = environ.get("CONTENT_LENGTH")
         if not size or not size.isdigit() or "HTTP_TRANSFER_ENCODING" in environ \
@@ -337,7 +337,7 @@ def spool_upload(limit: int, setting: str, budget: SpoolBudget) -> SpooledUpload
     sent; bytes beyond it (chunked, or inflated) are held as they arrive."""
     declared = request.content_length
     if declared is not None and declared > limit:
-        raise _too_large(limit, setting)
+        raise too_large(limit, setting)
     inflating = gzipped(request.environ.get("HTTP_CONTENT_ENCODING", ""))
     request.max_content_length = sys.maxsize  # None would fall back to MAX_BODY_BYTES
     stream = request.stream
@@ -346,10 +346,10 @@ def spool_upload(limit: int, setting: str, budget: SpoolBudget) -> SpooledUpload
     try:
         upload.hold(declared or 0)
         size = 0
-        for piece in _inflated(pieces) if inflating else pieces:
+        for piece in inflated(pieces) if inflating else pieces:
             size += len(piece)
             if size > limit:
-                raise _too_large(limit, setting)
+                raise too_large(limit, setting)
             if size > upload.held:
                 upload.hold(size - upload.held)
             upload.file.write(piece)
@@ -360,11 +360,11 @@ def spool_upload(limit: int, setting: str, budget: SpoolBudget) -> SpooledUpload
     return upload
 
 
-def _too_large(limit: int, setting: str) -> ApiError:
+def too_large(limit: int, setting: str) -> ApiError:
     return ApiError(413, "body_too_large", f"request body larger than {limit} bytes ({setting})")
 
 
-def _inflated(pieces: Iterator[bytes]) -> Iterator[bytes]:
+def inflated(pieces: Iterator[bytes]) -> Iterator[bytes]:
     """A gzip body's pieces inflated, INFLATE_STEP bytes at most at a time: a gzip bomb is
     counted (and refused at the limit) as it inflates, never held whole."""
     inflater = zlib.decompressobj(wbits=31)

@@ -261,9 +261,9 @@ def _scores_function(estimator: Any, n_features: int | None) -> Scores | None:
 
 def _softmax(d: np.ndarray) -> np.ndarray:
     """sklearn.utils.extmath.softmax on a float64 numpy array, in place, minus its dispatch."""
-    d -= d.max(axis=1).reshape(-1, 1)
+    d -= d.max(axis=1, keepdims=True)
     np.exp(d, out=d)
-    d /= d.sum(axis=1).reshape(-1, 1)
+    d /= d.sum(axis=1, keepdims=True)
     return d
 
 
@@ -278,13 +278,13 @@ def _elementwise_head(head: Any) -> Callable[[np.ndarray], np.ndarray]:
     plan = [(s.mean_ if s.with_mean else None, s.scale_ if s.with_std else None) for s in steps]
 
     def transform(X: np.ndarray) -> np.ndarray:
-        Z = np.array(X, dtype=np.float64)
+        Z = X  # a new array from the first operation on: the caller's X is never changed
         for mean, scale in plan:
             if mean is not None:
-                Z -= mean
+                Z = Z - mean if Z is X else np.subtract(Z, mean, out=Z)
             if scale is not None:
-                Z /= scale
-        return Z
+                Z = Z / scale if Z is X else np.divide(Z, scale, out=Z)
+        return np.array(Z, dtype=np.float64) if Z is X else Z
 
     return transform
 

@@ -44,6 +44,7 @@ from typing import Any
 
 import gevent
 from gunicorn import glogging
+from gunicorn.http import message as gmessage
 from gunicorn.http import wsgi as gwsgi
 from gunicorn.sock import create_sockets
 from gunicorn.workers import ggevent
@@ -130,6 +131,25 @@ class SettledConfig:
         raise AttributeError("a worker's settings are read-only")
 
 
+def remembered_allow_list_check(check: Callable[..., bool]) -> Callable[..., bool]:
+    """gunicorn's ``_ip_in_allow_list``, remembered per peer address: it parses the peer's
+    address (``ipaddress.ip_address``) on every request to decide whether that peer may set
+    forwarding headers. A worker sees a few peers (a balancer, a proxy) and its allow lists
+    never change after the fork, so each address is decided once."""
+    seen: dict[tuple[str, int, int], bool] = {}
+
+    def allowed(ip: str, allow_list: Any, networks: Any) -> bool:
+        key = (ip, id(allow_list), id(networks))
+        found = seen.get(key)
+        if found is None:
+            if len(seen) >= 4096:  # many distinct clients straight on the worker: bounded
+                seen.clear()
+            found = seen[key] = check(ip, allow_list, networks)
+        return found
+
+    return allowed
+
+
 class EagerStreamServer(ggevent.StreamServer):  # type: ignore[misc]
     """gevent's StreamServer, accepting up to 100 waiting connections per turn of the loop.
     gunicorn's gevent worker sets ``max_accept = 1`` when workers share one listener, so that
@@ -153,6 +173,8 @@ class GeventWorker(StockGeventWorker):  # type: ignore[misc]
 
     def init_process(self) -> None:
         self.cfg = SettledConfig(self.cfg)
+        # The lists it is given are the settled config's own objects: the same every time.
+        gmessage._ip_in_allow_list = remembered_allow_list_check(gmessage._ip_in_allow_list)
         gwsgi.Response = CoalescingResponse  # in this worker process only
         if self.cfg.reuse_port:
             ggevent.StreamServer = EagerStreamServer

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from server.runtime import prometheus
 from server.serving.batching import cooperate
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 RETENTION_EVERY = 3600.0  # seconds between two retention passes of one worker
 MAX_BACKOFF = 10.0
+ROWS_SLICE = 200  # requests whose rows are built between two turns of the event loop
 
 
 @dataclass(frozen=True)
@@ -226,9 +228,19 @@ class PredictionLog:
         self.state = "ok"
 
     def _rows(self, entries: list[_Entry]) -> list[tuple[Any, ...]]:
-        """The entries' rows, features and answers as they are (the insert sends them to the
-        database as one JSON array)."""
+        """The entries' rows, features and answers as JSON text, built on the event loop's
+        thread (the native thread that writes them then holds the GIL only for C calls) a
+        slice at a time, with the loop's other greenlets run between slices: building a
+        flush's few thousand rows at once held every request in flight for ~10 ms."""
         out: list[tuple[Any, ...]] = []
+        for start in range(0, len(entries), ROWS_SLICE):
+            if start:
+                cooperate()
+            self._build(entries[start:start + ROWS_SLICE], out)
+        return out
+
+    def _build(self, entries: list[_Entry], out: list[tuple[Any, ...]]) -> None:
+        dumps = orjson.dumps
         for e in entries:
             o, lv = e.origin, e.outcome.model
             results = e.outcome.results
@@ -245,12 +257,12 @@ class PredictionLog:
                     e.ts, o.request_id, e.rows + i if isinstance(e.rows, int) else e.rows[i],
                     lv.name, lv.version, o.door,
                     o.experiment, o.arm, o.api_key,
-                    features[i] if features is not None else None, digest, result,
+                    dumps(features[i]).decode() if features is not None else None, digest,
+                    dumps(result).decode(),
                     str(result.get("label", pred)) if classifier else None,
                     None if classifier or pred is None else float(pred),
                     ms, hit,
                 ))
-        return out
 
     def _purge(self) -> None:
         self._next_purge = time.time() + RETENTION_EVERY

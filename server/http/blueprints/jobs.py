@@ -14,13 +14,13 @@ from flask import Blueprint, Response, current_app, g, request, send_file
 
 from server.errors import ApiError
 from server.http.auth import (
-    _presented_token,
-    _signer,
     client_key,
+    presented_token,
     require_api_key,
     require_api_key_or_token,
+    token_signer,
 )
-from server.http.body import READ_STEP, _inflated, _too_large, gzipped, query_version, read_json
+from server.http.body import READ_STEP, gzipped, inflated, query_version, read_json, too_large
 from server.http.context import json_response, sse_response, state
 from server.jobs.files import MEDIA
 from server.jobs.service import JobService, chunk_rows, jobs_off
@@ -54,10 +54,10 @@ def service() -> JobService:
 def owner() -> str:
     """Whose jobs these are: the presented API key's hash (the same for a stream token made
     from that key), else the client address."""
-    if state().settings.api_key_list and not _presented_token("X-API-Key"):
+    if state().settings.api_key_list and not presented_token("X-API-Key"):
         token = request.args.get("token")
         if token:  # checked by require_api_key_or_token already
-            return "key:" + str(_signer().loads(token)["k"])
+            return "key:" + str(token_signer().loads(token)["k"])
     return client_key()
 
 
@@ -137,7 +137,7 @@ def save_body(path: Path, limit: int) -> Path:
     so, else as soon as the bytes arriving pass it."""
     declared = request.content_length
     if declared is not None and declared > limit:
-        raise _too_large(limit, "JOB_MAX_BYTES")
+        raise too_large(limit, "JOB_MAX_BYTES")
     inflating = gzipped(request.environ.get("HTTP_CONTENT_ENCODING", ""))
     request.max_content_length = sys.maxsize  # None would fall back to MAX_BODY_BYTES
     stream = request.stream
@@ -145,10 +145,10 @@ def save_body(path: Path, limit: int) -> Path:
     size = 0
     try:
         with path.open("wb") as out:
-            for piece in _inflated(pieces) if inflating else pieces:
+            for piece in inflated(pieces) if inflating else pieces:
                 size += len(piece)
                 if size > limit:
-                    raise _too_large(limit, "JOB_MAX_BYTES")
+                    raise too_large(limit, "JOB_MAX_BYTES")
                 out.write(piece)
     except OSError as exc:
         raise ApiError(503, "jobs_storage_full", f"cannot store the upload in JOBS_DIR: "

@@ -62,3 +62,32 @@ def test_access_line_takes_loggings_own_path_when_the_logger_is_configured(
     finally:
         access.removeFilter(keep)
     assert seen == ["request"] and json_root.getvalue() == ""
+
+
+def test_under_gevent_one_turn_of_the_loop_writes_its_lines_at_once(
+        json_root: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gevent
+
+    writes: list[str] = []
+
+    def write(text: str) -> int:
+        writes.append(text)
+        return len(text)
+
+    monkeypatch.setattr(json_root, "write", write)
+    log = AccessLog()
+    log._loop = gevent.get_hub().loop  # as in a gevent worker (threading patched)
+    # pytest's own capture handler sits on the root logger during a test: route around it.
+    [handler] = [h for h in logging.getLogger().handlers
+                 if isinstance(h, logging.StreamHandler) and h.stream is json_root]
+    monkeypatch.setattr(log, "_plain_route", lambda: handler)
+    for n in range(3):
+        log.write({"request_id": f"r{n}"})
+    assert writes == []  # not yet: at the start of the next turn of the loop
+    gevent.sleep(0)
+    assert len(writes) == 1
+    assert [orjson.loads(line)["request_id"] for line in writes[0].splitlines()] == \
+        ["r0", "r1", "r2"]
+    log.write({"request_id": "r3"})
+    gevent.sleep(0)
+    assert len(writes) == 2 and orjson.loads(writes[1])["request_id"] == "r3"
