@@ -833,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("model in-memory size, len(pickle.dumps(model)): " + ", ".join(
         f"{n} {b / 1024:.1f} KB" for n, b in sizes.items()))
-    print("RSS after load (VmRSS; PSS shares common pages out); limit = models held + 60 MB, "
+    print("RSS after load (VmRSS; PSS shares common pages out); limit = the floor below + 60 MB, "
           "checked on the largest worker's RSS")
     print(rss_table(rss))
     print("floor: a bare python that imports the server's modules and loads the same models: "

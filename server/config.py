@@ -160,6 +160,11 @@ class Settings(BaseSettings):
     job_result_ttl: int = Field(
         86400, ge=60, description="Seconds a finished job's result and rejects are kept."
     )
+    job_lease_seconds: float = Field(
+        10.0, gt=0, description="Seconds a queue worker that died keeps its running job "
+        "before another worker may take it (the lease, renewed every third of it while the "
+        "job runs)."
+    )
     jobs_dir: str = Field(
         "", description="Directory shared by the server and the queue workers for job inputs "
         "and results; unset = DATA_DIR/jobs."

@@ -3,6 +3,7 @@ processes on free loopback ports, each stopped by PID."""
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import signal
@@ -146,15 +147,36 @@ class LiveServer(Process):
                                       headers={"Connection": "close", **self.key}).json()["pid"])
             return resp.status_code == 200 and (path != "/ready" or len(seen) >= workers)
 
+        def up_or_failed() -> bool:
+            # A server that exited (a worker failed to boot) is not waited for 40 s.
+            assert self.proc is not None and self.proc.poll() is None, "gunicorn exited"
+            return every_worker_up()
+
         try:
-            wait_until(every_worker_up, 40)
+            wait_until(up_or_failed, 40)
         except AssertionError as exc:
             self.stop()
             raise AssertionError("server did not start:\n" + self.log_text()[-4000:]) from exc
         return self
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 15.0, quick: bool = False) -> None:
+        """SIGTERM, the graceful stop a test may be about; ``quick`` (a fixture's teardown,
+        where nothing is asserted any more): SIGQUIT, gunicorn's immediate shutdown, without
+        the second or so a gevent worker takes to notice a SIGTERM (graceful stops have tests
+        of their own: test_shutdown.py, test_scaleout.py)."""
         self.session.close()
+        if quick and self.proc is not None:
+            self.signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(timeout)
+                self.proc = None
+            except subprocess.TimeoutExpired:
+                pass  # SIGTERM, then SIGKILL, as for any stop
+        if self.proc is not None:
+            # Responses a finished test left in reference cycles still hold their keep-alive
+            # sockets open: a worker stopping gracefully waits KEEPALIVE (5 s) for each such
+            # idle client.
+            gc.collect()
         super().stop(timeout)
 
     def request(self, method: str, path: str, **kw: Any) -> requests.Response:
@@ -306,7 +328,7 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
 
     yield make
     for server in started:
-        server.stop()
+        server.stop(quick=True)
 
 
 @pytest.fixture(scope="session")
@@ -315,7 +337,7 @@ def live_server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     server = LiveServer(tmp_path_factory.mktemp("live"), demo_repo,
                         MAX_BODY_BYTES="65536", MODEL_POLL_SECONDS="0", CACHE="off").start()
     yield server
-    server.stop()
+    server.stop(quick=True)
 
 
 @pytest.fixture

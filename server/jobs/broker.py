@@ -14,7 +14,7 @@ QUEUE = "jobs"
 # Kombu's Redis transport hands a message nobody acknowledged to another worker after this
 # long. A job's message is acknowledged only when the job ends (acks_late), so a job that
 # runs longer is delivered twice; the lease keeps the second delivery from scoring it
-# again, and a dead worker's jobs are queued again by the sweep (LEASE_SECONDS), not by
+# again, and a dead worker's jobs are queued again by the sweep (JOB_LEASE_SECONDS), not by
 # this: it is the backstop for a message taken by a worker that died before it started.
 VISIBILITY_TIMEOUT = 6 * 3600
 

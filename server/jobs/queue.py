@@ -51,7 +51,7 @@ class JobQueue(Celery):
     def store(self) -> JobStore:
         client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=10,
                                       socket_connect_timeout=5, health_check_interval=30)
-        return JobStore(client, self.settings.job_result_ttl)
+        return JobStore(client, self.settings.job_result_ttl, self.settings.job_lease_seconds)
 
 
 app = JobQueue("server.jobs.queue")

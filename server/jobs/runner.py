@@ -31,7 +31,7 @@ from server.errors import ApiError
 from server.jobs.files import JobFiles
 from server.jobs.parts import Job, Parts, prediction_type
 from server.jobs.score import Unusable, open_source, read_chunks, score_frame
-from server.jobs.store import LEASE_SECONDS, JobRecord, JobStore
+from server.jobs.store import JobRecord, JobStore
 from server.model.loaded import LoadedVersion
 from server.model.registry import ModelRegistry
 from server.protocols.csvrows import feature_positions
@@ -85,8 +85,9 @@ def worker_name() -> str:
 
 
 class Lease:
-    """Holds a job's lease while the block runs: a thread refreshes it every third of
-    LEASE_SECONDS, and notes when it was lost (another worker may have the job then)."""
+    """Holds a job's lease while the block runs: a thread refreshes it every third of the
+    store's ``lease_seconds`` (JOB_LEASE_SECONDS), and notes when it was lost (another
+    worker may have the job then)."""
 
     def __init__(self, store: JobStore, job_id: str, token: str) -> None:
         self.store, self.job_id, self.token = store, job_id, token
@@ -95,7 +96,7 @@ class Lease:
         self._thread = threading.Thread(target=self._run, daemon=True, name="job-lease")
 
     def _run(self) -> None:
-        while not self._stop.wait(LEASE_SECONDS / 3):
+        while not self._stop.wait(self.store.lease_seconds / 3):
             try:
                 if not self.store.refresh(self.job_id, self.token):
                     self.lost.set()
@@ -140,7 +141,7 @@ def run_job(job_id: str, ctx: WorkerContext) -> str:
         return "gone"
     if not record.active:
         return record.state
-    token = wait_for_lease(store, job_id, LEASE_SECONDS + 2)
+    token = wait_for_lease(store, job_id, store.lease_seconds + 2)
     if token is None:
         return "held elsewhere"
     with Lease(store, job_id, token) as lease:

@@ -8,7 +8,7 @@ job lives in a server process, so restarting the HTTP server loses none. Around 
 - ``jobs:active:<owner>``: the owner's queued and running jobs (``JOB_MAX_ACTIVE_PER_KEY``);
 - ``jobs:running``: running jobs, watched for a worker that died (``orphans``);
 - ``job:<id>:lease``: the token of the one queue worker scoring the job, refreshed while it
-  runs; it lapses LEASE_SECONDS after that worker dies.
+  runs; it lapses ``lease_seconds`` (JOB_LEASE_SECONDS) after that worker dies.
 
 Every change of state is one Lua script, so a cancel and a worker finishing can never both
 win. A finished job's hash expires JOB_RESULT_TTL seconds after it finished.
@@ -27,7 +27,7 @@ import redis
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE = frozenset({"queued", "running"})
-LEASE_SECONDS = 10.0  # how long a dead worker keeps a job before another may take it
+LEASE_SECONDS = 10.0  # JOB_LEASE_SECONDS' default: a dead worker keeps its job this long
 LIST_LIMIT = 1000  # most jobs GET /jobs shows, newest first
 
 
@@ -228,9 +228,11 @@ class JobRecord:
 class JobStore:
     """The job hashes and their indexes; every method is one or two Redis round trips."""
 
-    def __init__(self, client: redis.Redis, result_ttl: int) -> None:
+    def __init__(self, client: redis.Redis, result_ttl: int,
+                 lease_seconds: float = LEASE_SECONDS) -> None:
         self.client = client
         self.result_ttl = result_ttl
+        self.lease_seconds = lease_seconds
         self._create = client.register_script(_CREATE)
         self._finish = client.register_script(_FINISH)
         self._cancel = client.register_script(_CANCEL)
@@ -302,12 +304,13 @@ class JobStore:
     def acquire(self, job_id: str) -> str | None:
         """Take the job's lease: a token, or None while another worker holds it."""
         token = secrets.token_hex(8)
-        ok = self.client.set(lease_key(job_id), token, nx=True, px=int(LEASE_SECONDS * 1000))
+        ok = self.client.set(lease_key(job_id), token, nx=True,
+                              px=int(self.lease_seconds * 1000))
         return token if ok else None
 
     def refresh(self, job_id: str, token: str) -> bool:
         return bool(self._refresh(keys=[lease_key(job_id)],
-                                  args=[token, int(LEASE_SECONDS * 1000)]))
+                                  args=[token, int(self.lease_seconds * 1000)]))
 
     def release(self, job_id: str, token: str) -> None:
         self._release(keys=[lease_key(job_id)], args=[token])
@@ -353,10 +356,10 @@ class JobStore:
         return out
 
     def claim_rescue(self, job_id: str) -> bool:
-        """Whether this caller is the one to queue an orphan again (one per LEASE_SECONDS,
+        """Whether this caller is the one to queue an orphan again (one per lease,
         whichever worker's sweep sees it first)."""
         return bool(self.client.set(f"{job_key(job_id)}:rescue", 1, nx=True,
-                                    ex=max(int(LEASE_SECONDS * 2), 1)))
+                                    ex=max(int(self.lease_seconds * 2), 1)))
 
     def known(self, job_ids: Iterable[str]) -> set[str]:
         """Which of these jobs still have a hash."""

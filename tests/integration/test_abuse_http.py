@@ -26,7 +26,7 @@ def few_streams(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory
     server = LiveServer(tmp_path_factory.mktemp("abuse"), demo_repo, WORKERS="1",
                         MAX_STREAMS="5", API_KEYS=KEY, MODEL_POLL_SECONDS="0").start()
     yield server
-    server.stop()
+    server.stop(quick=True)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def limited(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     server = LiveServer(tmp_path_factory.mktemp("limited"), demo_repo, WORKERS="1",
                         API_KEYS=KEY, RATE_LIMIT="10/second", MODEL_POLL_SECONDS="0").start()
     yield server
-    server.stop()
+    server.stop(quick=True)
 
 
 def _stream_works(server: LiveServer) -> None:

@@ -36,7 +36,7 @@ def server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                       CSV_SPOOL_MB=str(SPOOL_BYTES / (1 << 20)), MODEL_POLL_SECONDS="0",
                       CACHE="off").start()
     yield live
-    live.stop()
+    live.stop(quick=True)
 
 
 def iris_csv(size: int) -> bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -41,13 +42,17 @@ def test_model_dir_alone_is_enough_for_score_and_demo(tmp_path: Path) -> None:
     assert (repo / "iris" / "2" / "model.joblib").exists()
     (tmp_path / "in.csv").write_text("sepal_length,sepal_width,petal_length,petal_width\n"
                                      "5.1,3.5,1.4,0.2\n")
-    scored = run(["-m", "server.score", "iris:2", "in.csv", "out.csv"], tmp_path,
-                 MODEL_DIR=str(repo))
+    # The two commands side by side (each is mostly its interpreter starting).
+    with ThreadPoolExecutor(2) as pool:
+        scoring = pool.submit(run, ["-m", "server.score", "iris:2", "in.csv", "out.csv"],
+                              tmp_path, MODEL_DIR=str(repo))
+        # the flag still wins over the environment
+        flagging = pool.submit(run, ["-m", "server.score", "iris:2", "in.csv", "out2.csv",
+                                     "--model-dir", str(tmp_path / "elsewhere")], tmp_path,
+                               MODEL_DIR=str(repo))
+        scored, flagged = scoring.result(), flagging.result()
     assert scored.returncode == 0, scored.stderr
     assert (tmp_path / "out.csv").read_text().splitlines()[1].startswith("5.1,3.5,1.4,0.2,0,")
-    # the flag still wins over the environment
-    flagged = run(["-m", "server.score", "iris:2", "in.csv", "out2.csv", "--model-dir",
-                   str(tmp_path / "elsewhere")], tmp_path, MODEL_DIR=str(repo))
     assert flagged.returncode == 2 and "elsewhere" in flagged.stderr
 
 
@@ -78,16 +83,20 @@ def test_profile_writes_the_drift_reference_and_says_what_is_missing(tmp_path: P
     assert made.returncode == 0, made.stderr
     assert made.stdout.startswith("iris/1: ") and "written from 150 rows" in made.stdout
     assert '"rows": 150' in (repo / "iris" / "1" / "profile.json").read_text()
-    unknown = run(["-m", "server.profile", "nope", "train.csv"], tmp_path, MODEL_DIR=str(repo))
-    assert unknown.returncode == 2 and "unknown model 'nope'" in unknown.stderr
-    assert "Traceback" not in unknown.stderr
     (tmp_path / "short.csv").write_text("sepal_length,petal_length,petal_width\n5.1,1.4,0.2\n")
-    short = run(["-m", "server.profile", "iris:1", "short.csv"], tmp_path, MODEL_DIR=str(repo))
-    assert short.returncode == 2  # the CSV doors' own words for a missing feature column
-    assert short.stderr.strip().endswith("short.csv: CSV header lacks feature 'sepal_width'")
     code = WITHOUT.format(names={"pandas", "pyarrow"}, module="server.profile",
                           argv=["iris:1", "train.parquet", "--model-dir", str(repo)])
-    done = run(["-c", code], tmp_path)
+    # Three refusals that write nothing, side by side (each is mostly its interpreter starting).
+    with ThreadPoolExecutor(3) as pool:
+        refusals = [pool.submit(run, argv, tmp_path, MODEL_DIR=str(repo)) for argv in (
+            ["-m", "server.profile", "nope", "train.csv"],
+            ["-m", "server.profile", "iris:1", "short.csv"])]
+        without = pool.submit(run, ["-c", code], tmp_path)
+        (unknown, short), done = [f.result() for f in refusals], without.result()
+    assert unknown.returncode == 2 and "unknown model 'nope'" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+    assert short.returncode == 2  # the CSV doors' own words for a missing feature column
+    assert short.stderr.strip().endswith("short.csv: CSV header lacks feature 'sepal_width'")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install -r requirements-score.txt" in lines[0]

@@ -138,7 +138,7 @@ def dash(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield page
     finally:
         driver.quit()
-        page.server.stop()
+        page.server.stop(quick=True)
 
 
 @pytest.fixture(autouse=True)
@@ -425,4 +425,4 @@ def test_under_api_keys_the_page_asks_once_and_its_live_feeds_use_tokens(
                                        r"401 \(UNAUTHORIZED\)")
     finally:
         driver.quit()
-        server.stop()
+        server.stop(quick=True)

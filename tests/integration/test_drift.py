@@ -135,7 +135,7 @@ def server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     live = LiveServer(tmp / "logs", repo, DRIFT_SAMPLE_ROWS_PER_SECOND="100000",
                       MODEL_POLL_SECONDS="0").start()
     yield live
-    live.stop()
+    live.stop(quick=True)
 
 
 def test_training_rows_leave_every_feature_stable_on_every_worker(server: LiveServer) -> None:

@@ -54,7 +54,7 @@ def doors_server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory
                         STREAM_MAX_ROWS=str(MAX_ROWS), MAX_BODY_BYTES=str(MAX_BODY),
                         MODEL_POLL_SECONDS="0").start()
     yield server
-    server.stop()
+    server.stop(quick=True)
 
 
 # -- the doors: each sends a fault and checks its protocol's error shape ---------------------

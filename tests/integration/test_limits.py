@@ -35,7 +35,7 @@ def tight_server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory
                         KEEPALIVE=str(KEEPALIVE), CLIENT_TIMEOUT_SECONDS=str(CLIENT_TIMEOUT),
                         MODEL_POLL_SECONDS="0", CACHE="off").start()
     yield server
-    server.stop()
+    server.stop(quick=True)
 
 
 def test_too_deep_json_is_a_400_and_the_server_goes_on(live_server: LiveServer) -> None:

@@ -61,7 +61,7 @@ def test_metrics_are_summed_over_workers(server_factory: Callable[..., LiveServe
 
 
 def test_metrics_key_and_cors_are_opt_in(server_factory: Callable[..., LiveServer],
-                                         model_repo: Path) -> None:
+                                         model_repo: Path, live_server: LiveServer) -> None:
     server = server_factory(model_repo, WORKERS="1", METRICS_KEY="scrape",
                             CORS_ORIGINS="https://dash.example")
     assert server.get("/metrics").status_code == 401
@@ -73,7 +73,7 @@ def test_metrics_key_and_cors_are_opt_in(server_factory: Callable[..., LiveServe
     other = server.post("/predict/iris", json=[5.1, 3.5, 1.4, 0.2],
                         headers={"Origin": "https://evil.example"})
     assert other.status_code == 200 and "Access-Control-Allow-Origin" not in other.headers
-    plain = server_factory(model_repo, WORKERS="1")
-    resp = plain.post("/predict/iris", json=[5.1, 3.5, 1.4, 0.2],
-                      headers={"Origin": "https://dash.example"})
+    # The shared server sets no CORS_ORIGINS (nor METRICS_KEY): the defaults.
+    resp = live_server.post("/predict/iris", json=[5.1, 3.5, 1.4, 0.2],
+                            headers={"Origin": "https://dash.example"})
     assert "Access-Control-Allow-Origin" not in resp.headers  # off by default

@@ -38,7 +38,7 @@ def logged(request: pytest.FixtureRequest, demo_repo: Path,
     server = LiveServer(tmp, demo_repo, WORKERS="2", PREDICTION_LOG=url,
                         PREDICTION_LOG_FLUSH_SECONDS="0.1", MODEL_POLL_SECONDS="0").start()
     yield server
-    server.stop()
+    server.stop(quick=True)
 
 
 def _fresh_database(pg: PostgresServer, name: str) -> str:
@@ -357,7 +357,12 @@ def test_killing_postgres_under_load_fails_no_prediction_and_logging_resumes(
         time.sleep(1.0)
         pg.signal(signal.SIGKILL)
         pg.proc.wait(10)  # type: ignore[union-attr]
-        time.sleep(1.5)
+        # The load goes on while the log is down, until /ready says so (or 10 s pass).
+        try:
+            wait_until(lambda: server.fresh("GET", "/ready").json()["prediction_log"] == "down",
+                       10, 0.1)
+        except AssertionError:
+            pass  # the assertion below names what it said
         down = server.fresh("GET", "/ready").json()["prediction_log"]
         pg.proc = None
         pg.start()  # the same cluster and port
@@ -380,7 +385,8 @@ def test_a_stuck_database_keeps_each_workers_memory_within_the_buffer(
         demo_repo: Path, server_factory: Callable[..., LiveServer], tmp_path: Path) -> None:
     """With the database locked for the whole run, each worker buffers at most
     PREDICTION_LOG_BUFFER_ROWS rows and drops the rest: 8 clients sending 500-row batches
-    for 8 s (several 100,000 rows) grow a worker's RSS by far less than they would unbounded."""
+    (200,000 rows, 40 times the buffer) grow a worker's RSS by far less than they would
+    unbounded."""
     db = tmp_path / "stuck.db"
     server = server_factory(demo_repo, WORKERS="1", PREDICTION_LOG=f"sqlite:///{db}",
                             PREDICTION_LOG_BUFFER_ROWS="5000", CACHE="off",
@@ -393,13 +399,13 @@ def test_a_stuck_database_keeps_each_workers_memory_within_the_buffer(
     rng = np.random.default_rng(3)
     try:
         holder.execute("BEGIN EXCLUSIVE")
-        deadline = time.monotonic() + 8
+        deadline = time.monotonic() + 20  # a guard: the rows take a few seconds
 
         def load(seed: int) -> int:
             local = np.random.default_rng(seed)
             sent = 0
             with requests.Session() as s:
-                while time.monotonic() < deadline:
+                while sent < 25_000 and time.monotonic() < deadline:
                     rows = local.normal(5, 2, (500, 4)).round(6).tolist()
                     r = s.post(server.url + "/predict/batch",
                                json={"model": "iris", "instances": rows}, timeout=10)

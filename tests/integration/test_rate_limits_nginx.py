@@ -51,7 +51,7 @@ def front(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         if nginx is not None:
             nginx.stop()
         for server in servers:
-            server.stop()
+            server.stop(quick=True)
         redis.stop()
 
 

@@ -5,7 +5,7 @@ nothing else, and it is never the key."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,10 +19,13 @@ pytestmark = pytest.mark.slow  # starts a server of its own
 KEY = "alpha-key-123"
 
 
-@pytest.fixture
-def keyed(server_factory: Callable[..., LiveServer], model_repo: Path) -> LiveServer:
-    return server_factory(model_repo, API_KEYS=KEY, STREAM_TOKEN_SECONDS="2", WORKERS="1",
-                          MODEL_POLL_SECONDS="0")
+@pytest.fixture(scope="module")
+def keyed(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """One server for the module: tokens hold no state on it, and no test changes it."""
+    server = LiveServer(tmp_path_factory.mktemp("tokens"), demo_repo, API_KEYS=KEY,
+                        STREAM_TOKEN_SECONDS="2", WORKERS="1", MODEL_POLL_SECONDS="0").start()
+    yield server
+    server.stop(quick=True)
 
 
 def token(server: LiveServer) -> str:

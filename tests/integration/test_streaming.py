@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import shutil
 import socket
 import threading
 import time
@@ -37,10 +38,20 @@ def events(resp: requests.Response) -> Iterator[tuple[str, str]]:
         yield ev.event, ev.data
 
 
-@pytest.fixture
-def stream_server(server_factory: Callable[..., LiveServer], model_repo: Path) -> LiveServer:
-    return server_factory(model_repo, WORKERS="1", CACHE="off", STREAM_MAX_ROWS="100000",
-                          STREAM_CHUNK_ROWS="200", MODEL_POLL_SECONDS="0")
+STREAM_ENV = {"WORKERS": "1", "CACHE": "off", "STREAM_MAX_ROWS": "100000",
+              "STREAM_CHUNK_ROWS": "200", "MODEL_POLL_SECONDS": "0"}
+
+
+@pytest.fixture(scope="module")
+def stream_server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[LiveServer]:
+    """One server for the tests that change nothing on disk and count nothing they do not
+    send themselves (a server of its own for each cost a boot and a stop)."""
+    tmp = tmp_path_factory.mktemp("streaming")
+    server = LiveServer(tmp / "logs", Path(shutil.copytree(demo_repo, tmp / "models")),
+                        **STREAM_ENV).start()
+    yield server
+    server.stop(quick=True)
 
 
 def big_rows(n: int) -> list[list[float]]:
@@ -77,8 +88,10 @@ def test_events_arrive_while_the_rest_is_computed(stream_server: LiveServer) -> 
 
 
 def test_disconnect_stops_the_work_and_slow_clients_hold_no_one(
-    stream_server: LiveServer,
+    server_factory: Callable[..., LiveServer], model_repo: Path
 ) -> None:
+    # A server of its own: its stream counters must be this test's alone.
+    stream_server = server_factory(model_repo, **STREAM_ENV)
     body = json.dumps({"model": "iris", "version": "2", "instances": big_rows(100_000)})
     raw = socket.create_connection(("127.0.0.1", stream_server.port))
     raw.sendall((f"POST /predict/stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
@@ -207,7 +220,6 @@ def test_server_events_reach_subscribers_from_every_worker(
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     wait_until(lambda: any(n == "metrics" and d["workers"] == 2 for n, d in seen), 10)
-    import shutil
     shutil.copytree(model_repo / "iris" / "1", model_repo / "iris" / "7")
     server.post("/admin/reload", headers=admin)
     reader.join(10)

@@ -82,7 +82,7 @@ def fed(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory,
     truth = {rid: str(iris.target_names[iris.target[i]]) for rid, i in zip(ids, ROWS)}
     give_feedback(server, {**truth, **dict(zip(odd, UNKNOWN))})
     yield server
-    server.stop()
+    server.stop(quick=True)
 
 
 def test_feedback_trains_a_new_version_that_serves(

@@ -99,7 +99,7 @@ def trainer(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     server = LiveServer(tmp / "logs", repo, MODEL_POLL_SECONDS="0", CACHE="off",
                         MAX_BODY_BYTES=str(BODY_LIMIT)).start()
     yield both_workers_up(server)
-    server.stop()
+    server.stop(quick=True)
 
 
 def test_iris_run_streams_each_epoch_then_serves_the_new_version_everywhere(
