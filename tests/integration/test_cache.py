@@ -315,19 +315,25 @@ def test_random_rows_keep_each_workers_memory_within_its_bound(
 def test_cache_on_skips_versions_cheaper_to_compute_than_a_round_trip(
         server_factory: Callable[..., LiveServer], model_repo: Path,
         redis_server: RedisServer) -> None:
-    # CACHE=on (the default) over Redis: the LogisticRegression row (~20 us) is computed
-    # every time, never stored; the 100-tree forest (~300 us and more) goes through Redis.
+    # CACHE=on (the default) over Redis: the LogisticRegression row (~20 us) is cheaper than
+    # two round trips, so it is computed every time and never stored. Where the forest
+    # (~250 us) lands depends on this machine's round trip at load; whichever way /models
+    # reports, the version must behave so.
     server = server_factory(model_repo, REDIS_URL=redis_server.url, CACHE="on",
                             MODEL_POLL_SECONDS="0", WORKERS="1")
     versions = {v["version"]: v for v in server.get("/models/iris").json()["versions"]}
     assert versions["1"]["cache"] == "off", versions["1"]
     assert "computing is cheaper" in versions["1"]["cache_note"]
-    assert "measured on Redis" in versions["1"]["cache_note"]
-    assert versions["2"]["cache"] == "on", versions["2"]
-    for version, hit in (("1", "MISS"), ("2", "HIT")):
-        server.post("/predict/iris", json={"version": version, "features": ROW})
-        again = server.post("/predict/iris", json={"version": version, "features": ROW})
-        assert again.status_code == 200 and again.headers["X-Cache"] == hit, version
+    for v in versions.values():
+        assert "measured on Redis" in v["cache_note"] and "a one-row call costs" in \
+            v["cache_note"], v
+        assert v["cache"] == "on" or "computing is cheaper" in v["cache_note"], v
     with redis_server.client() as c:
-        assert c.keys("pred:iris:1:*") == []
-        assert c.keys("pred:iris:2:*") == [contract_key("iris", "2", ROW).encode()]
+        for version in ("1", "2"):
+            on = versions[version]["cache"] == "on"
+            server.post("/predict/iris", json={"version": version, "features": ROW})
+            again = server.post("/predict/iris", json={"version": version, "features": ROW})
+            assert again.status_code == 200, again.text
+            assert again.headers["X-Cache"] == ("HIT" if on else "MISS"), versions[version]
+            keys = c.keys(f"pred:iris:{version}:*")
+            assert keys == ([contract_key("iris", version, ROW).encode()] if on else []), keys
