@@ -203,19 +203,13 @@ class BodyRequest(Request):
         length, limit = int(size), self.max_content_length
         if limit is not None and length > limit:
             return None  # werkzeug's path answers the 413
-        stream = environ["wsgi.input"]
-        try:
-            body = stream.read(length) if length else b""
-            while len(body) < length:  # gunicorn reads it all at once; other servers may not
-                more = stream.read(length - len(body))
-                if not more:
-                    break
-                body += more
-        except Exception as exc:
-            error = body_error(exc)
-            if error is None:
-                raise
-            raise error from exc
+        stream = CheckedBody(environ["wsgi.input"])  # its read failures are the client's
+        body = stream.read(length) if length else b""
+        while len(body) < length:  # gunicorn reads it all at once; other servers may not
+            more = stream.read(length - len(body))
+            if not more:
+                break
+            body += more
         if len(body) != length:
             raise ApiError(400, "bad_body",
                            "the request body ends early: the client closed the connection")
