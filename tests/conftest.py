@@ -143,8 +143,10 @@ class LiveServer(Process):
             # them has answered, so no worker is still starting while a test measures.
             resp = requests.get(self.url + path, timeout=2, headers={"Connection": "close"})
             if resp.status_code == 200 and path == "/ready":
-                seen.add(requests.get(self.url + "/status", timeout=2,
-                                      headers={"Connection": "close", **self.key}).json()["pid"])
+                status = requests.get(self.url + "/status", timeout=2,
+                                      headers={"Connection": "close", **self.key})
+                if status.status_code == 200:  # anything else: ask again
+                    seen.add(status.json()["pid"])
             return resp.status_code == 200 and (path != "/ready" or len(seen) >= workers)
 
         def up_or_failed() -> bool:

@@ -153,14 +153,20 @@ def _retry_after_only_when_refused(response: Response) -> Response:
     return response
 
 
+# Probes and scrapes: no key, never counted.
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"})
+# Never counted by RATE_LIMIT: the open paths, and /status (monitoring's per-worker figures,
+# still behind its key), so watching a server never spends a client's quota.
+UNLIMITED = OPEN_PATHS | {"/status"}
+
+
 def install_rate_limits(app: Flask, settings: Settings) -> None:
     if not settings.rate_limit:
         return
     from flask_limiter import Limiter
 
-    open_paths = {"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"}
     # Registered before the limiter's own hook, so it runs first.
-    app.before_request(lambda: None if request.path in open_paths else refuse_wrong_key())
+    app.before_request(lambda: None if request.path in OPEN_PATHS else refuse_wrong_key())
     # The limiter puts Retry-After on every answer; it means "come back later" and belongs
     # only to 429 and 503. Registered before the limiter, so it runs after its header hook.
     app.after_request(_retry_after_only_when_refused)
@@ -170,7 +176,7 @@ def install_rate_limits(app: Flask, settings: Settings) -> None:
         storage_options={"socket_timeout": settings.redis_timeout,  # type: ignore[dict-item]
                          "socket_connect_timeout": settings.redis_timeout},  # type: ignore[dict-item]
         headers_enabled=True, swallow_errors=True,  # Redis down: serve, don't 500
-        default_limits_exempt_when=lambda: request.path in open_paths,
+        default_limits_exempt_when=lambda: request.path in UNLIMITED,
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from server import schemas as s
+from server.http.auth import UNLIMITED  # every other operation may answer 429
 
 JSON = "application/json"
 SSE = "text/event-stream"
@@ -29,8 +30,6 @@ SchemaMode = Literal["validation", "serialization"]
 JSON_BODY = (400, 413, 415, 422)
 MODEL = (404,)
 STREAM = (503,)
-# Paths the rate limit never counts (RATE_LIMIT); every other operation may answer 429.
-UNLIMITED = frozenset({"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 ERROR_TEXT = {
     400: "Malformed JSON or an empty body.",

@@ -32,6 +32,10 @@ def test_limit_is_shared_by_workers_and_per_key(
     body = refused.json()
     assert body["code"] == "rate_limited" and body["request_id"]
     assert server.get("/health").status_code == 200 and server.get("/ready").status_code == 200
+    # Monitoring never spends the quota: /status answers alpha, over its limit, every time.
+    assert all(server.fresh("GET", "/status", headers={"X-API-Key": "alpha"}).status_code == 200
+               for _ in range(12))
+    assert server.fresh("GET", "/status", headers={"X-API-Key": "wrong"}).status_code == 401
     keys = [str(k) for k in redis_server.client().keys("*LIMIT*")]
     assert keys and not any("alpha" in k for k in keys)  # keys are hashed, never stored
 
