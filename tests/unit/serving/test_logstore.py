@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from server.serving.logstore import COLUMNS, LogStore, LogUnavailable, Query, describe
+from server.serving.logstore import (
+    COLUMNS, VALUES_ROWS, LogStore, LogUnavailable, Query, describe, statement_rows,
+)
 from tests.conftest import PostgresServer, free_port
 
 BACKENDS = ["sqlite", "postgresql"]
@@ -105,6 +107,25 @@ def test_insert_keeps_every_column_and_feedback_starts_empty(store: LogStore) ->
     assert {c: got[c] for c in COLUMNS} == dict(zip(COLUMNS, written))
     assert (got["true_label"], got["true_value"], got["feedback_ts"]) == (None, None, None)
     assert isinstance(got["id"], int)
+
+
+def test_inserts_of_any_size_use_a_few_statement_sizes() -> None:
+    """The sqlite3 module keeps every statement it prepared: one per batch size held ~240 MB
+    per worker. Any count is cut into VALUES_ROWS rows and powers of two below it."""
+    allowed = {VALUES_ROWS} | {1 << k for k in range(VALUES_ROWS.bit_length() - 1)}
+    for n in [*range(1, 600), 2047, 5000, 20_001]:
+        sizes, left = [], n
+        while left:
+            sizes.append(statement_rows(left))
+            left -= sizes[-1]
+        assert set(sizes) <= allowed and sum(sizes) == n, n
+    assert statement_rows(100, most=62) == 62 and statement_rows(40, most=62) == 32
+
+
+def test_a_batch_of_an_odd_size_is_written_whole(store: LogStore) -> None:
+    store.insert([row(1000.0 + i, "odd", i) for i in range(VALUES_ROWS * 2 + 37)])
+    got = store.query(Query(request_id="odd", limit=1000))
+    assert sorted(r["row_index"] for r in got) == list(range(VALUES_ROWS * 2 + 37))
 
 
 def test_query_pages_newest_first_with_the_ts_id_cursor(store: LogStore) -> None:
