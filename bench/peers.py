@@ -94,6 +94,7 @@ KINDS = {  # server kind -> as printed
     "nobatch": "ours, no micro-batch",
     "onnx": "ours, ONNX backend",
     "batch": "ours /predict/batch",
+    "batch-nolog": "ours /predict/batch, PREDICTION_LOG=off",
     "memory": "ours memory-cache hit",
     "fastapi": "guides' FastAPI",
     "mlserver": "MLServer default",
@@ -126,7 +127,7 @@ class PeerTarget:
 
     @property
     def batch(self) -> bool:
-        return self.kind == "batch"
+        return self.kind in ("batch", "batch-nolog")
 
 
 def make_targets(with_fastapi: bool, with_mlserver: bool) -> list[PeerTarget]:
@@ -135,6 +136,9 @@ def make_targets(with_fastapi: bool, with_mlserver: bool) -> list[PeerTarget]:
         targets.append(PeerTarget("ours", "ours", v, "/predict", f"predict-v{v}.lua"))
         targets.append(PeerTarget("nobatch", "nobatch", v, "/predict", f"predict-v{v}.lua"))
         targets.append(PeerTarget("batch", "ours", v, "/predict/batch", f"batch-v{v}.lua"))
+        # The same without the prediction log: what the log's row-per-row writes cost.
+        targets.append(PeerTarget("batch-nolog", "nolog", v, "/predict/batch",
+                                  f"batch-v{v}.lua"))
         if v == "2":  # the opt-in ONNX backend: it pays off for forests, not for LR
             targets.append(PeerTarget("onnx", "onnx", v, "/predict", f"predict-v{v}.lua"))
         targets.append(PeerTarget("memory", "memory", v, "/predict", f"hit-v{v}.lua"))
@@ -595,14 +599,15 @@ def as_json(measurements: list[PeerMeasurement], rss: list[dict[str, Any]],
 
 
 def batch_table(measurements: list[PeerMeasurement], in_process: dict[str, float]) -> str:
-    head = f"{'model':<13} {'conns':>5} {'rows/s':>9} {'in-process':>10} {'ratio':>6}"
+    head = f"{'model':<13} {'log':>4} {'conns':>5} {'rows/s':>9} {'in-process':>10} {'ratio':>6}"
     lines = [head, "-" * len(head)]
     for m in measurements:
         if m.target.batch and m.target.version is not None:
             rows = m.best.requests_per_s * BATCH_ROWS
             base = in_process[m.target.version]
-            lines.append(f"{m.target.model:<13} {m.connections:>5} {rows:>9.0f} {base:>10.0f} "
-                         f"{rows / base:>6.2f}")
+            log = "off" if m.target.kind == "batch-nolog" else "on"
+            lines.append(f"{m.target.model:<13} {log:>4} {m.connections:>5} {rows:>9.0f} "
+                         f"{base:>10.0f} {rows / base:>6.2f}")
     return "\n".join(lines)
 
 
@@ -645,7 +650,8 @@ def verdicts(measurements: list[PeerMeasurement], in_process: dict[str, float],
              p99 / ours.best.p50_ms if ours.best.p50_ms else None, 3.0, False)
     for m in measurements:
         if m.target.batch and m.target.version is not None:
-            goal(f"5. batch x{BATCH_ROWS} {m.target.model} vs in-process",
+            log = ", log off" if m.target.kind == "batch-nolog" else ""
+            goal(f"5. batch x{BATCH_ROWS} {m.target.model}{log} vs in-process",
                  m.best.requests_per_s * BATCH_ROWS / in_process[m.target.version], 0.8)
     for r in rss:
         if r["server"] == "ours" and r["workers"] and r["limit_mb"] is not None:
@@ -720,9 +726,11 @@ def main(argv: list[str] | None = None) -> int:
             "nobatch": Peer("nobatch", work, "wsgi:app",
                             ours | {"CACHE": "off", "BATCH_MAX_SIZE": "1"}),
             "memory": Peer("memory", work, "wsgi:app", ours | {"CACHE": "on"}),
+            "nolog": Peer("nolog", work, "wsgi:app",
+                          ours | {"CACHE": "off", "PREDICTION_LOG": "off"}),
         }
         held: dict[str, list[str]] = {"bare": [], "ours": list(sizes), "memory": list(sizes),
-                                      "nobatch": list(sizes)}
+                                      "nobatch": list(sizes), "nolog": list(sizes)}
         onnx_models = onnx_repository(models, work / "models-onnx")
         if onnx_models is not None:
             servers["onnx"] = Peer("onnx", work, "wsgi:app",
@@ -767,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
                     for v in MODELS:
                         server.wait_until_up(urllib.request.Request(
                             f"{server.url}/v2/models/iris-v{v}/ready"), timeout=300)
-                elif name in ("ours", "memory", "nobatch", "onnx"):
+                elif name in ("ours", "memory", "nobatch", "onnx", "nolog"):
                     server.wait_until_up(urllib.request.Request(server.url + "/ready"))
                 else:
                     server.wait_until_up(post(server.url + "/predict", probe), timeout=120)

@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 
 from server.serving.logstore import (
-    COLUMNS, VALUES_ROWS, LogStore, LogUnavailable, Query, describe, statement_rows,
+    COLUMNS,
+    VALUES_ROWS,
+    LogStore,
+    LogUnavailable,
+    Query,
+    describe,
+    statement_rows,
 )
 from tests.conftest import PostgresServer, free_port
 
