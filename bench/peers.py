@@ -94,7 +94,7 @@ KINDS = {  # server kind -> as printed
     "nobatch": "ours, no micro-batch",
     "onnx": "ours, ONNX backend",
     "batch": "ours /predict/batch",
-    "batch-nolog": "ours /predict/batch, PREDICTION_LOG=off",
+    "batch-nolog": "ours batch, log off",
     "memory": "ours memory-cache hit",
     "fastapi": "guides' FastAPI",
     "mlserver": "MLServer default",
@@ -663,13 +663,14 @@ def verdicts(measurements: list[PeerMeasurement], in_process: dict[str, float],
 
 
 def verdict_table(goals: list[dict[str, Any]]) -> str:
-    head = f"{'target':<42} {'measured':>9} {'goal':>9} {'met':>4}"
+    width = max([42, *(len(g["target"]) for g in goals)])
+    head = f"{'target':<{width}} {'measured':>9} {'goal':>9} {'met':>4}"
     lines = [head, "-" * len(head)]
     for g in goals:
         value = "-" if g["measured"] is None else f"{g['measured']:.3f}"
         wanted = ("≥ " if g["at_least"] else "≤ ") + f"{g['goal']:.4g}"
         met = {True: "yes", False: "NO", None: "-"}[g["met"]]
-        lines.append(f"{g['target']:<42} {value:>9} {wanted:>9} {met:>4}")
+        lines.append(f"{g['target']:<{width}} {value:>9} {wanted:>9} {met:>4}")
     return "\n".join(lines)
 
 
